@@ -1,0 +1,202 @@
+"""Layers and Serial: shapes predicted == shapes produced, parameter counts, pytrees."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import funcnet as fn
+
+SPATIAL = (9, 8, 3)
+LAYERS = [
+    (fn.Dense(5), (7,)),
+    (fn.Dense(4, use_bias=False), (3, 6)),
+    (fn.Conv(4, 3), SPATIAL),
+    (fn.Conv(4, (3, 2), stride=3, padding="SAME"), SPATIAL),
+    (fn.Conv(2, 3, stride=(2, 1), padding=((1, 2), (0, 1)), dilation=2), SPATIAL),
+    (fn.Conv(2, 5, stride=3, padding=2), SPATIAL),
+    (fn.LocallyConnected(2, 3), SPATIAL),
+    (fn.LocallyConnected(2, (2, 3), stride=3, padding="SAME"), SPATIAL),
+    (fn.LocallyConnected(1, 3, stride=2, padding=1, dilation=2, use_bias=False), SPATIAL),
+    (fn.MaxPool(2), SPATIAL),
+    (fn.MaxPool(3, stride=1, padding="SAME"), SPATIAL),
+    (fn.MaxPool((3, 2), stride=3, padding="SAME"), SPATIAL),
+    (fn.AvgPool(3, 2, padding=1), SPATIAL),
+    (fn.AvgPool(3, 3, "SAME", count_include_pad=False), SPATIAL),
+    (fn.L2Pool(2, 1), SPATIAL),
+    (fn.LpPool(3, 2, "SAME", p=3), SPATIAL),
+    (fn.FeatureL2Pool(3), SPATIAL),
+    (fn.FeatureMaxPool(1), (6,)),
+    (fn.Sigmoid(), SPATIAL),
+    (fn.Tanh(), (4,)),
+    (fn.ReLU(), SPATIAL),
+    (fn.Activation(jax.nn.gelu), SPATIAL),
+    (fn.Softmax(), (10,)),
+    (fn.LogSoftmax(axis=1), (3, 4)),
+    (fn.Flatten(), SPATIAL),
+    (fn.models.lenet5(), (28, 28, 1)),
+    (fn.models.digits_cnn(), (8, 8, 1)),
+    (fn.models.mlp([16, 8], 3, fn.Tanh()), (4, 4, 1)),
+    (fn.Serial([fn.Serial([fn.Conv(2, 3), fn.ReLU()]), fn.Flatten(), fn.Dense(3)]), SPATIAL),
+]
+IDS = [repr(layer).replace("\n", "")[:60] for layer, _ in LAYERS]
+
+
+@pytest.mark.parametrize("layer,shape", LAYERS, ids=IDS)
+def test_output_shape_equals_the_shape_apply_produces(layer, shape):
+    params = layer.init(jax.random.key(0), shape)
+    x = jax.random.normal(jax.random.key(1), (2, *shape))
+    y = layer.apply(params, x)
+    assert y.shape == (2, *layer.output_shape(shape))
+    assert y.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("layer,shape", LAYERS, ids=IDS)
+def test_param_shapes_match_init_without_allocating(layer, shape):
+    predicted = layer.param_shapes(shape)
+    actual = layer.init(jax.random.key(0), shape)
+    assert jax.tree_util.tree_structure(predicted) == jax.tree_util.tree_structure(actual)
+    for p, a in zip(jax.tree_util.tree_leaves(predicted), jax.tree_util.tree_leaves(actual)):
+        assert p.shape == a.shape and p.dtype == a.dtype
+    assert fn.param_count(layer, shape) == sum(a.size for a in jax.tree_util.tree_leaves(actual))
+
+
+@pytest.mark.parametrize("layer,shape", LAYERS, ids=IDS)
+def test_layers_are_hashable_comparable_and_static_jit_arguments(layer, shape):
+    clone = dataclasses.replace(layer)
+    assert clone == layer and hash(clone) == hash(layer)
+    assert "Array" not in repr(layer)  # layers never hold arrays
+    run = jax.jit(lambda lyr, p, x: lyr.apply(p, x), static_argnums=0)
+    params = layer.init(jax.random.key(0), shape)
+    x = jnp.ones((1, *shape))
+    np.testing.assert_array_equal(run(layer, params, x), run(clone, params, x))
+    assert run._cache_size() == 1  # an equal layer hits the same compiled program
+
+
+def test_slide_parameter_counts_from_shapes_alone():
+    # 200x200 image, 40K hidden units, fully connected: 1.6e9 weights (the slide says ~2B).
+    dense = fn.Dense(40_000)
+    specs = dense.param_specs((200 * 200,))
+    assert math.prod(specs["w"]) == 1_600_000_000
+    assert fn.param_count(dense, (200 * 200,)) == 1_600_000_000 + 40_000
+    # Locally connected, a 10x10 filter per hidden unit (40K units = 200x200 outputs): 4M.
+    local = fn.LocallyConnected(1, (10, 10), padding="SAME")
+    assert local.output_shape((200, 200, 1)) == (200, 200, 1)
+    assert math.prod(local.param_specs((200, 200, 1))["w"]) == 4_000_000
+    # Convolution, 100 filters of 10x10, shared across positions: 10K.
+    conv = fn.Conv(100, (10, 10), padding="SAME")
+    assert math.prod(conv.param_specs((200, 200, 1))["w"]) == 10_000
+    assert fn.param_count(conv, (200, 200, 1)) == 10_000 + 100
+
+
+def test_summary_of_the_huge_dense_layer_does_not_allocate():
+    s = fn.summary(fn.Serial([fn.Flatten(), fn.Dense(40_000)]), (200, 200, 1))
+    assert s.total_params == 1_600_040_000
+    assert "1,600,040,000" in str(s)
+
+
+def test_lenet5_has_the_classic_parameter_count():
+    assert fn.param_count(fn.models.lenet5(), (28, 28, 1)) == 61_706
+
+
+def test_serial_params_are_a_tuple_of_named_dicts():
+    net = fn.Serial([fn.Dense(3), fn.ReLU(), fn.Dense(2, use_bias=False)])
+    params = net.init(jax.random.key(0), (4,))
+    assert isinstance(params, tuple) and len(params) == 3
+    assert set(params[0]) == {"w", "b"} and params[1] == {} and set(params[2]) == {"w"}
+
+
+def test_serial_is_the_composition_of_its_layers():
+    layers = [fn.Dense(3), fn.Tanh(), fn.Dense(2), fn.Softmax()]
+    net = fn.Serial(layers)
+    params = net.init(jax.random.key(0), (4,))
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    y = x
+    for layer, p in zip(layers, params):
+        y = layer.apply(p, y)
+    np.testing.assert_array_equal(net.apply(params, x), y)
+    np.testing.assert_allclose(
+        y, jax.nn.softmax(jnp.tanh(x @ params[0]["w"] + params[0]["b"]) @ params[2]["w"]
+                          + params[2]["b"]), rtol=1e-6)
+
+
+def test_serial_init_uses_independent_keys_per_layer():
+    net = fn.Serial([fn.Dense(4), fn.Dense(4)])
+    p = net.init(jax.random.key(0), (4,))
+    assert not np.allclose(p[0]["w"], p[1]["w"])
+
+
+def test_default_initializers_are_lecun_normal_and_zero_bias():
+    layer = fn.Dense(2000)
+    p = layer.init(jax.random.key(0), (500,))
+    np.testing.assert_array_equal(p["b"], 0.0)
+    # lecun_normal: truncated normal with variance 1 / fan_in.
+    np.testing.assert_allclose(np.var(np.asarray(p["w"])), 1 / 500, rtol=0.05)
+    conv = fn.Conv(64, 3).init(jax.random.key(0), (8, 8, 16))["w"]
+    np.testing.assert_allclose(np.var(np.asarray(conv)), 1 / (3 * 3 * 16), rtol=0.05)
+    local = fn.LocallyConnected(8, 3).init(jax.random.key(0), (12, 12, 16))["w"]
+    np.testing.assert_allclose(np.var(np.asarray(local)), 1 / (3 * 3 * 16), rtol=0.05)
+
+
+def test_initializers_are_overridable_per_layer():
+    ones = jax.nn.initializers.ones
+    p = fn.Conv(2, 3, w_init=ones, b_init=jax.nn.initializers.constant(0.5)).init(
+        jax.random.key(0), (5, 5, 1)
+    )
+    np.testing.assert_array_equal(p["w"], 1.0)
+    np.testing.assert_array_equal(p["b"], 0.5)
+    p64 = fn.Dense(3, param_dtype=jnp.bfloat16).init(jax.random.key(0), (2,))
+    assert p64["w"].dtype == jnp.bfloat16
+
+
+def test_activation_layers_compute_their_functions():
+    x = jnp.linspace(-3, 3, 13).reshape(1, 13)
+    np.testing.assert_allclose(fn.Sigmoid().apply({}, x), 1 / (1 + np.exp(-x)), rtol=1e-6)
+    np.testing.assert_allclose(fn.Tanh().apply({}, x), np.tanh(x), rtol=1e-6)
+    np.testing.assert_array_equal(fn.ReLU().apply({}, x), np.maximum(x, 0))
+    np.testing.assert_allclose(fn.Activation(jnp.sin).apply({}, x), np.sin(x), rtol=1e-6)
+    np.testing.assert_allclose(
+        fn.LogSoftmax().apply({}, x), np.log(fn.Softmax().apply({}, x)), atol=1e-5
+    )
+
+
+def test_relu_derivative_at_zero_is_zero():
+    assert jax.grad(lambda x: fn.ops.relu(x))(0.0) == 0.0
+
+
+def test_softmax_sums_to_one_and_is_shift_invariant():
+    x = jax.random.normal(jax.random.key(0), (4, 7)) * 5
+    s = fn.ops.softmax(x)
+    np.testing.assert_allclose(s.sum(-1), 1.0, rtol=1e-6)
+    # Shift invariance in float64: in float32, x + 1000 would round x itself.
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(np.asarray(x), jnp.float64)
+        s64 = fn.ops.softmax(x64)
+        np.testing.assert_allclose(fn.ops.softmax(x64 + 1000.0), s64, rtol=1e-10)
+        np.testing.assert_allclose(
+            fn.ops.log_softmax(x64 - 123.0), fn.ops.log_softmax(x64), atol=1e-10
+        )
+    big = fn.ops.softmax(jnp.array([[1e4, -1e4, 0.0]]))
+    assert np.all(np.isfinite(big)) and np.isclose(big.sum(), 1.0)
+    # The lecture's formula y_k = exp(b_k) / sum_l exp(b_l), on small logits.
+    b = np.array([[0.5, -1.0, 2.0]])
+    np.testing.assert_allclose(fn.ops.softmax(jnp.asarray(b)), np.exp(b) / np.exp(b).sum(),
+                               rtol=1e-6)
+
+
+def test_flatten_keeps_the_batch():
+    x = jnp.arange(24.0).reshape(2, 3, 2, 2)
+    np.testing.assert_array_equal(fn.Flatten().apply({}, x), x.reshape(2, 12))
+
+
+def test_vmap_and_grad_apply_to_a_network():
+    net = fn.models.digits_cnn()
+    params = net.init(jax.random.key(0), (8, 8, 1))
+    x = jax.random.uniform(jax.random.key(1), (3, 8, 8, 1))
+    per_example = jax.vmap(lambda xi: net.apply(params, xi[None])[0])(x)
+    np.testing.assert_allclose(per_example, net.apply(params, x), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p: net.apply(p, x).sum())(params)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
