@@ -29,8 +29,10 @@ def main(argv=None) -> None:
         params = net.init(jax.random.key(args.seed), shape)
         x = jax.random.uniform(jax.random.key(args.seed + 1), (4, *shape))
         logits = jax.jit(net.apply)(params, x)
-        print(f"\nforward pass on a batch of 4: logits {logits.shape}, finite: "
-              f"{bool(jnp.all(jnp.isfinite(logits)))}")
+        print(
+            f"\nforward pass on a batch of 4: logits {logits.shape}, finite: "
+            f"{bool(jnp.all(jnp.isfinite(logits)))}"
+        )
 
 
 if __name__ == "__main__":

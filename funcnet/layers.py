@@ -95,8 +95,10 @@ class Layer:
             return {}
         init_fns = {"w": self.w_init, "b": self.b_init}
         keys = dict(zip(("w", "b"), jax.random.split(key), strict=True))
-        return {name: init_fns[name](keys[name], shape, self.param_dtype)
-                for name, shape in specs.items()}
+        return {
+            name: init_fns[name](keys[name], shape, self.param_dtype)
+            for name, shape in specs.items()
+        }
 
     # -- forward -------------------------------------------------------------------------
     def apply(self, params: Any, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
@@ -114,9 +116,7 @@ class Layer:
     def _check_params(self, params: Any, specs: dict[str, Shape], input_shape: Shape) -> None:
         if not isinstance(params, dict) or set(params) != set(specs):
             got = sorted(params) if isinstance(params, dict) else type(params).__name__
-            raise ValueError(
-                f"{self!r}: expected params with keys {sorted(specs)}, got {got}"
-            )
+            raise ValueError(f"{self!r}: expected params with keys {sorted(specs)}, got {got}")
         for name, shape in specs.items():
             if jnp.shape(params[name]) != shape:
                 raise ValueError(
@@ -135,7 +135,9 @@ class Layer:
 
 def _check_init_fn(value: Any, name: str, where: str) -> None:
     if not callable(value):
-        raise TypeError(f"{where}: {name} must be an initializer (key, shape, dtype), got {value!r}")
+        raise TypeError(
+            f"{where}: {name} must be an initializer (key, shape, dtype), got {value!r}"
+        )
 
 
 def _check_dtype(value: Any, where: str) -> None:
@@ -221,7 +223,9 @@ class _Windowed(Layer):
         _checks.check_rank(shape, 3, "input_shape", where, "H, W, C; no batch dimension")
         pads = self.pads(shape)
         _checks.check_window_fits(shape[:2], self.kernel_size, pads, where, self.dilation)
-        out = _checks.conv_output_size(shape[:2], self.kernel_size, self.stride, pads, self.dilation)
+        out = _checks.conv_output_size(
+            shape[:2], self.kernel_size, self.stride, pads, self.dilation
+        )
         return (*out, self.features)
 
 
@@ -242,9 +246,7 @@ class Conv(_Windowed):
         return specs
 
     def _apply(self, params, x):
-        return ops.conv2d(
-            x, params["w"], params.get("b"), self.stride, self.padding, self.dilation
-        )
+        return ops.conv2d(x, params["w"], params.get("b"), self.stride, self.padding, self.dilation)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

@@ -15,7 +15,9 @@ from funcnet.layers import Layer, Shape
 def _prefix(i: int, layer: Layer, err: Exception) -> Exception:
     msg = str(err)
     named = msg.startswith(repr(layer)) or msg.startswith("Serial layer")
-    return type(err)(f"Serial layer {i}: {msg}" if named else f"Serial layer {i} ({layer!r}): {msg}")
+    return type(err)(
+        f"Serial layer {i}: {msg}" if named else f"Serial layer {i} ({layer!r}): {msg}"
+    )
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -35,9 +37,11 @@ class Serial(Layer):
             raise TypeError(f"Serial: layers must be a list or tuple of layers, got {layers!r}")
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer):
-                hint = " (did you pass the class instead of an instance?)" if isinstance(
-                    layer, type
-                ) else ""
+                hint = (
+                    " (did you pass the class instead of an instance?)"
+                    if isinstance(layer, type)
+                    else ""
+                )
                 raise TypeError(f"Serial: layers[{i}] is not a funcnet layer: {layer!r}{hint}")
         object.__setattr__(self, "layers", tuple(layers))
 
@@ -80,16 +84,17 @@ class Serial(Layer):
         shapes = self.shapes(input_shape)
         keys = jax.random.split(key, max(len(self.layers), 1))
         return tuple(
-            layer.init(k, s)
-            for layer, k, s in zip(self.layers, keys, shapes[:-1], strict=False)
+            layer.init(k, s) for layer, k, s in zip(self.layers, keys, shapes[:-1], strict=False)
         )
 
     def apply(self, params: Any, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
         """``f_{L+1}(... f_1(x))``; ``key`` (if given) is split among the layers."""
         if not isinstance(params, tuple | list) or len(params) != len(self.layers):
-            got = f"{type(params).__name__} of length {len(params)}" if isinstance(
-                params, tuple | list
-            ) else type(params).__name__
+            got = (
+                f"{type(params).__name__} of length {len(params)}"
+                if isinstance(params, tuple | list)
+                else type(params).__name__
+            )
             raise ValueError(
                 f"Serial: params must be a tuple with one entry per layer ({len(self.layers)}), "
                 f"got {got}"

@@ -41,9 +41,7 @@ class Summary:
 
     def __str__(self) -> str:
         header = ("#", "layer", "output shape", "params")
-        body = [
-            (str(r.index), r.layer, str(r.output_shape), f"{r.params:,}") for r in self.rows
-        ]
+        body = [(str(r.index), r.layer, str(r.output_shape), f"{r.params:,}") for r in self.rows]
         body.insert(0, ("", "input", str(self.input_shape), ""))
         footer = ("", "total", str(self.output_shape), f"{self.total_params:,}")
         cols = list(zip(header, *body, footer, strict=True))

@@ -16,7 +16,7 @@ def out_size(size, k, s, lo, hi, d=1):
 
 def conv2d(x, w, b, stride, pads, dilation=(1, 1)):
     """h[n,i,j,o] = sum_{k,l,c} w[k,l,c,o] xp[n, i*s+k*d, j*s+l*d, c] + b[o]."""
-    n, h, wd, c = x.shape
+    n, h, wd, _ = x.shape
     kh, kw, _, co = w.shape
     xp = pad_nhwc(x, pads)
     oh = out_size(h, kh, stride[0], *pads[0], dilation[0])

@@ -119,8 +119,12 @@ def test_serial_is_the_composition_of_its_layers():
         y = layer.apply(p, y)
     np.testing.assert_array_equal(net.apply(params, x), y)
     np.testing.assert_allclose(
-        y, jax.nn.softmax(jnp.tanh(x @ params[0]["w"] + params[0]["b"]) @ params[2]["w"]
-                          + params[2]["b"]), rtol=1e-6)
+        y,
+        jax.nn.softmax(
+            jnp.tanh(x @ params[0]["w"] + params[0]["b"]) @ params[2]["w"] + params[2]["b"]
+        ),
+        rtol=1e-6,
+    )
 
 
 def test_serial_init_uses_independent_keys_per_layer():
@@ -183,8 +187,9 @@ def test_softmax_sums_to_one_and_is_shift_invariant():
     assert np.all(np.isfinite(big)) and np.isclose(big.sum(), 1.0)
     # The lecture's formula y_k = exp(b_k) / sum_l exp(b_l), on small logits.
     b = np.array([[0.5, -1.0, 2.0]])
-    np.testing.assert_allclose(fn.ops.softmax(jnp.asarray(b)), np.exp(b) / np.exp(b).sum(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        fn.ops.softmax(jnp.asarray(b)), np.exp(b) / np.exp(b).sum(), rtol=1e-6
+    )
 
 
 def test_flatten_keeps_the_batch():

@@ -28,7 +28,9 @@ def _pads(x_shape, window, stride, padding):
     if padding == "VALID":
         return ((0, 0), (0, 0)), stride
     if padding == "SAME":
-        return tuple(ref.same_pads(n, k, s) for n, k, s in zip(x_shape[1:3], window, stride)), stride
+        return tuple(
+            ref.same_pads(n, k, s) for n, k, s in zip(x_shape[1:3], window, stride)
+        ), stride
     if isinstance(padding, int):
         return ((padding, padding),) * 2, stride
     return padding, stride
@@ -96,7 +98,10 @@ def test_pools_match_loops_on_random_shapes(h, w, k, s, same, kind, seed):
     with jax.enable_x64(True):
         xj = jnp.asarray(x)
         if kind == "max":
-            y, e = ops.max_pool(xj, window, stride, padding), ref.pool(x, window, stride, pads, "max")
+            y, e = (
+                ops.max_pool(xj, window, stride, padding),
+                ref.pool(x, window, stride, pads, "max"),
+            )
         elif kind == "lp":
             y = ops.l2_pool(xj, window, stride, padding)
             e = ref.pool(x, window, stride, pads, "lp")
