@@ -1,0 +1,309 @@
+"""Data sets as NHWC float32 arrays with integer labels: the bundled digits, npz and IDX.
+
+- :func:`digits` — scikit-learn's bundled 8x8 handwritten digits (1,797 images, no
+  download), scaled to ``[0, 1]``, split train / test stratified and seeded.
+- :func:`load_npz` — a user's ``.npz`` with an image array and a label array.
+- :func:`read_idx` / :func:`load_mnist` — the MNIST IDX format, raw or gzip-compressed.
+- :func:`check_dataset` — the validation :func:`funcnet.train.fit` runs before training:
+  same number of examples in ``x`` and ``y``, floating finite ``x``, integer labels in
+  ``[0, num_classes)``.
+
+Every reader returns plain numpy arrays: ``x`` of shape ``(N, H, W, C)`` float32 and ``y``
+of shape ``(N,)`` int32. Bad input raises ``ValueError`` / ``TypeError`` naming the file or
+argument, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zipfile
+from typing import Any, NamedTuple
+
+import numpy as np
+
+# IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
+IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class Split(NamedTuple):
+    """A train / test split: ``x_*`` ``(N, H, W, C)`` float32, ``y_*`` ``(N,)`` int32."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------
+
+
+def check_labels(y: Any, num_classes: int | None = None, where: str = "labels") -> np.ndarray:
+    """Validate integer class labels ``(N,)``; return them as int32.
+
+    Raises ``TypeError`` for a non-integer dtype and ``ValueError`` for a wrong rank or a
+    label outside ``[0, num_classes)`` (``num_classes=None`` checks only ``>= 0``).
+    """
+    arr = np.asarray(y)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{where}: labels must have an integer dtype, got {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{where}: labels must have shape (N,), got {arr.shape}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or (num_classes is not None and hi >= num_classes):
+            rng = f"[0, {num_classes})" if num_classes is not None else "[0, inf)"
+            raise ValueError(
+                f"{where}: labels must lie in {rng}, got values in [{lo}, {hi}]"
+            )
+    return arr.astype(np.int32)
+
+
+def check_dataset(
+    x: Any, y: Any, num_classes: int | None = None, where: str = "data"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a data set before any training; return ``(x, y)`` as numpy arrays.
+
+    ``x``: ``(N, ...)`` floating and finite. ``y``: ``(N,)`` integer labels in
+    ``[0, num_classes)``, or a floating target array with ``N`` rows.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim < 1 or y.ndim < 1:
+        raise ValueError(
+            f"{where}: x and y must be batched arrays (N, ...), got shapes {x.shape} and {y.shape}"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{where}: x and y must have the same number of examples, got {x.shape[0]} "
+            f"(x shape {x.shape}) and {y.shape[0]} (y shape {y.shape})"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{where}: the data set is empty (x shape {x.shape})")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(
+            f"{where}: x must have a floating dtype (e.g. float32), got {x.dtype}; "
+            f"convert it with x.astype(np.float32)"
+        )
+    if not np.all(np.isfinite(x)):
+        bad = int(np.argwhere(~np.isfinite(x.reshape(x.shape[0], -1)))[0, 0])
+        raise ValueError(f"{where}: x contains non-finite values (first at example {bad})")
+    if np.issubdtype(y.dtype, np.integer):
+        y = check_labels(y, num_classes, where)
+    elif np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)):
+            raise ValueError(f"{where}: y contains non-finite values")
+    else:
+        raise TypeError(
+            f"{where}: y must be integer labels or floating targets, got dtype {y.dtype}"
+        )
+    return x, y
+
+
+# ---------------------------------------------------------------------------------------
+# The bundled digits
+# ---------------------------------------------------------------------------------------
+
+
+def digits(test_size: float = 0.2, seed: int = 0) -> Split:
+    """scikit-learn's bundled 8x8 digits, NHWC float32 in ``[0, 1]``, split stratified.
+
+    Args:
+      test_size: fraction of the 1,797 images held out for testing, in ``(0, 1)``.
+      seed: seed of the stratified shuffle split (the same seed gives the same split).
+
+    Returns:
+      :class:`Split` with ``x_*`` of shape ``(N, 8, 8, 1)`` (pixel values ``/ 16``) and
+      ``y_*`` of shape ``(N,)`` int32 in ``[0, 10)``. With ``test_size=0.2``: 1,437 train,
+      360 test.
+    """
+    if isinstance(test_size, bool) or not isinstance(test_size, int | float) or not (
+        0.0 < test_size < 1.0
+    ):
+        raise ValueError(f"digits: test_size must be a fraction in (0, 1), got {test_size!r}")
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "digits: needs scikit-learn (pip install scikit-learn, or funcnet's [dev] extra)"
+        ) from e
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[..., None]
+    y = bunch.target.astype(np.int32)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_size, random_state=seed, stratify=y
+    )
+    return Split(x_tr, y_tr, x_te, y_te)
+
+
+# ---------------------------------------------------------------------------------------
+# .npz
+# ---------------------------------------------------------------------------------------
+
+
+def load_npz(
+    path: str | os.PathLike,
+    x_key: str = "x",
+    y_key: str = "y",
+    num_classes: int | None = None,
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load images and labels from an ``.npz`` file (pickle disabled).
+
+    Args:
+      path: the ``.npz`` file.
+      x_key, y_key: names of the image and label arrays in it.
+      num_classes: if given, labels must lie in ``[0, num_classes)``.
+      scale: divide the images by this (e.g. 255 for uint8 pixels); ``None`` divides
+        integer images by their dtype's maximum and leaves floating images as they are.
+
+    Returns:
+      ``x`` ``(N, H, W, C)`` float32 (a ``(N, H, W)`` array gets ``C = 1``) and ``y``
+      ``(N,)`` int32.
+    """
+    where = f"load_npz({os.fspath(path)!r})"
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{where}: not a readable .npz file ({e})") from e
+    with f:
+        if not hasattr(f, "files"):
+            raise ValueError(f"{where}: expected an .npz archive, got a single .npy array")
+        missing = [k for k in (x_key, y_key) if k not in f.files]
+        if missing:
+            raise ValueError(
+                f"{where}: no array named {missing[0]!r}; the file has {sorted(f.files)}"
+            )
+        try:
+            x, y = f[x_key], f[y_key]
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{where}: corrupt array in the .npz file ({e})") from e
+    return _images_and_labels(x, y, where, num_classes, scale)
+
+
+def _images_and_labels(x, y, where, num_classes, scale):
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(
+            f"{where}: images must have shape (N, H, W) or (N, H, W, C), got {x.shape}"
+        )
+    y = check_labels(y, num_classes, where)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{where}: {x.shape[0]} images but {y.shape[0]} labels; they must match"
+        )
+    if scale is None:
+        scale = float(np.iinfo(x.dtype).max) if np.issubdtype(x.dtype, np.integer) else 1.0
+    elif not isinstance(scale, int | float) or isinstance(scale, bool) or scale <= 0:
+        raise ValueError(f"{where}: scale must be a positive number, got {scale!r}")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise TypeError(f"{where}: images must be numeric, got dtype {x.dtype}")
+    return (x.astype(np.float32) / np.float32(scale)), y
+
+
+# ---------------------------------------------------------------------------------------
+# IDX (the MNIST format)
+# ---------------------------------------------------------------------------------------
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (raw, or gzip-compressed: detected from its first bytes).
+
+    Format (big-endian): two zero bytes, a type code (``0x08`` uint8, ``0x09`` int8,
+    ``0x0B`` int16, ``0x0C`` int32, ``0x0D`` float32, ``0x0E`` float64), the number of
+    dimensions ``d``, then ``d`` uint32 sizes, then the data in C order.
+
+    Returns:
+      The array in native byte order, with the shape given by the header.
+    """
+    where = f"read_idx({os.fspath(path)!r})"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == GZIP_MAGIC:
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{where}: cannot read the file ({e})") from e
+    if len(raw) < 4:
+        raise ValueError(f"{where}: file too short for an IDX header ({len(raw)} bytes)")
+    if raw[0] != 0 or raw[1] != 0:
+        raise ValueError(
+            f"{where}: bad magic number {raw[:4].hex()}; an IDX file starts with 00 00 "
+            f"<type> <ndim>"
+        )
+    code, ndim = raw[2], raw[3]
+    if code not in IDX_DTYPES:
+        known = ", ".join(f"0x{c:02X}" for c in IDX_DTYPES)
+        raise ValueError(f"{where}: unknown IDX type code 0x{code:02X}; expected one of {known}")
+    if ndim == 0:
+        raise ValueError(f"{where}: IDX header declares 0 dimensions")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{where}: file truncated inside the header ({len(raw)} bytes)")
+    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = IDX_DTYPES[code]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    got = len(raw) - header
+    if got != expected:
+        state = "truncated" if got < expected else "has trailing bytes"
+        raise ValueError(
+            f"{where}: file {state}: header shape {shape} of {dtype.name} needs {expected} "
+            f"data bytes, found {got}"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str | os.PathLike, array: Any, compress: bool | None = None) -> None:
+    """Write ``array`` as an IDX file; gzip it if ``compress`` (default: path ends ``.gz``)."""
+    arr = np.asarray(array)
+    codes = {dt.newbyteorder("=").str: c for c, dt in IDX_DTYPES.items()}
+    key = arr.dtype.newbyteorder("=").str
+    if key not in codes:
+        raise TypeError(f"write_idx: unsupported dtype {arr.dtype} for IDX")
+    if arr.ndim == 0 or arr.ndim > 255:
+        raise ValueError(f"write_idx: array must have 1 to 255 dimensions, got {arr.ndim}")
+    code = codes[key]
+    payload = (
+        bytes([0, 0, code, arr.ndim])
+        + np.asarray(arr.shape, dtype=">u4").tobytes()
+        + arr.astype(IDX_DTYPES[code]).tobytes()
+    )
+    if compress is None:
+        compress = os.fspath(path).endswith(".gz")
+    if compress:
+        payload = gzip.compress(payload)
+    with open(path, "wb") as f:
+        f.write(payload)
+
+
+def load_mnist(
+    images_path: str | os.PathLike,
+    labels_path: str | os.PathLike,
+    num_classes: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-format images and labels from two IDX files (raw or gzip).
+
+    Images: a uint8 IDX array ``(N, H, W)``, returned as ``(N, H, W, 1)`` float32 in
+    ``[0, 1]``. Labels: an integer IDX array ``(N,)`` in ``[0, num_classes)``, as int32.
+    """
+    x = read_idx(images_path)
+    y = read_idx(labels_path)
+    where = f"load_mnist({os.fspath(images_path)!r}, {os.fspath(labels_path)!r})"
+    if x.ndim != 3:
+        raise ValueError(f"{where}: images must be a 3-D IDX array (N, H, W), got shape {x.shape}")
+    if y.ndim != 1:
+        raise ValueError(f"{where}: labels must be a 1-D IDX array (N,), got shape {y.shape}")
+    return _images_and_labels(x, y, where, num_classes, None)

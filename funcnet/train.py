@@ -1,0 +1,680 @@
+"""Training: jit-compiled train steps, whole-epoch compiled loops, ``fit``, ``evaluate``.
+
+The lecture's algorithm is the plainest case of :func:`make_step`: with
+``optax.sgd(alpha)``, an L2 regularizer ``Omega`` with weight ``lam`` and one example per
+step it is exactly
+
+    ``theta <- theta + alpha * Delta``,  ``Delta = -grad l(theta) - lam * grad Omega(theta)``.
+
+Mini-batches (the loss is the mean over the batch) and any optax optimizer (momentum,
+Adam, schedules) are the general case.
+
+Two ways to run an epoch, giving the same parameters for the same key:
+
+- ``"loop"``: a Python loop over one jitted step per mini-batch;
+- ``"scan"``: the whole epoch as one compiled program, a ``lax.scan`` over the batches of
+  a device-resident, shuffled-on-device copy of the data.
+
+``epoch_mode="auto"`` (the default of :func:`fit`) picks ``"loop"`` for networks with a
+convolution and ``"scan"`` otherwise; BENCHMARKS.md has the measurements behind it.
+
+Gradients come from ``grad=``: ``"autodiff"`` (``jax.value_and_grad``) is built in; other
+modes plug in through :data:`GRAD_MODES` (or a callable) with the signature
+``value_and_grad(net, loss_fn) -> f(params, x, y) -> (loss, grads)``, ``loss_fn(outputs,
+y) -> scalar`` (the mean over the batch).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from funcnet import checkpoint as _ckpt
+from funcnet import data as _data
+from funcnet import losses as _losses
+
+Loss = Callable[[jax.Array, jax.Array], jax.Array]
+ValueAndGrad = Callable[[Any, Loss], Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]]
+
+EPOCH_MODES = ("auto", "loop", "scan")
+
+
+class TrainState(NamedTuple):
+    """What a train step carries: ``params``, optax ``opt_state``, ``step`` (int32 scalar)."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN / inf loss. ``state`` holds the last finite parameters.
+
+    Attributes: ``epoch`` and ``step`` (1-based, within the epoch), ``global_step``
+    (0-based count of updates applied before it), ``value`` (the loss), ``state`` (the
+    :class:`TrainState` before the bad step) and ``history`` (completed epochs).
+    """
+
+    def __init__(self, message, *, epoch, step, global_step, value, state, history):
+        super().__init__(message)
+        self.epoch, self.step, self.global_step = epoch, step, global_step
+        self.value, self.state, self.history = value, state, history
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns."""
+
+    params: Any
+    state: TrainState
+    history: dict[str, list]
+    stop_reason: str  # "epochs", "loss_threshold" or "patience"
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients
+# ---------------------------------------------------------------------------------------
+
+
+def autodiff_value_and_grad(net: Any, loss_fn: Loss):
+    """``f(params, x, y) -> (loss_fn(net.apply(params, x), y), d loss / d params)`` by autodiff."""
+
+    def f(params, x, y):
+        return jax.value_and_grad(lambda p: loss_fn(net.apply(p, x), y))(params)
+
+    return f
+
+
+# name -> value_and_grad(net, loss_fn); the hand-written rules register "manual" here.
+GRAD_MODES: dict[str, ValueAndGrad] = {"autodiff": autodiff_value_and_grad}
+
+
+def resolve_grad(grad: str | ValueAndGrad) -> ValueAndGrad:
+    """The ``value_and_grad(net, loss_fn)`` factory for ``grad`` (a name or a callable)."""
+    if isinstance(grad, str):
+        if grad not in GRAD_MODES:
+            raise ValueError(
+                f"grad must be one of {sorted(GRAD_MODES)} (or a callable "
+                f"value_and_grad(net, loss_fn)), got {grad!r}"
+            )
+        return GRAD_MODES[grad]
+    if callable(grad):
+        return grad
+    raise TypeError(
+        f"grad must be one of {sorted(GRAD_MODES)} or a callable value_and_grad(net, loss_fn), "
+        f"got {grad!r}"
+    )
+
+
+def weighted_loss(loss_fn: Loss) -> Loss:
+    """``loss_fn`` with per-example weights: ``f(outputs, (y, w)) = sum_i w_i l_i / sum_i w_i``.
+
+    ``l_i = loss_fn(outputs[i:i+1], y[i:i+1])``. Weights 0 mark padding (the last partial
+    batch of an epoch is padded to full size so the step never recompiles).
+    """
+
+    def f(outputs, yw):
+        y, w = yw
+        per_example = jax.vmap(lambda o, t: loss_fn(o[None], t[None]))(outputs, y)
+        return jnp.sum(w * per_example) / jnp.sum(w)
+
+    f.base_loss = loss_fn  # lets a grad mode recognise the loss it wraps
+    return f
+
+
+def _correct(outputs: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-example 0/1 correctness for integer labels or one-hot targets, else zeros."""
+    if outputs.ndim == 2 and jnp.issubdtype(y.dtype, jnp.integer) and y.ndim == 1:
+        return (jnp.argmax(outputs, axis=-1) == y).astype(outputs.dtype)
+    if outputs.ndim == 2 and y.shape == outputs.shape and outputs.shape[1] > 1:
+        return (jnp.argmax(outputs, axis=-1) == jnp.argmax(y, axis=-1)).astype(outputs.dtype)
+    return jnp.zeros(outputs.shape[:1], outputs.dtype)
+
+
+def _has_accuracy(out_shape: tuple[int, ...], y: np.ndarray) -> bool:
+    if len(out_shape) != 1:
+        return False
+    if np.issubdtype(y.dtype, np.integer) and y.ndim == 1:
+        return True
+    return y.ndim == 2 and y.shape[1] == out_shape[0] and out_shape[0] > 1
+
+
+# ---------------------------------------------------------------------------------------
+# Train state and step
+# ---------------------------------------------------------------------------------------
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(
+            "optimizer must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), "
+            f"got {optimizer!r}"
+        )
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    """A :class:`TrainState` at step 0 for ``params`` and ``optimizer``.
+
+    Params are copied, so donating the state to a step never deletes the caller's arrays.
+    """
+    _check_optimizer(optimizer)
+    params = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), params)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def _check_lam(regularizer: Any, lam: Any) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam):
+        raise TypeError(f"lam must be a finite non-negative number, got {lam!r}")
+    if lam < 0:
+        raise ValueError(f"lam must be a finite non-negative number, got {lam!r}")
+    if regularizer is not None and not callable(regularizer):
+        raise TypeError(
+            f"regularizer must be a function params -> Omega (e.g. funcnet.regularizers.l2), "
+            f"got {regularizer!r}"
+        )
+    if lam > 0 and regularizer is None:
+        raise ValueError(f"lam={lam} needs a regularizer (e.g. funcnet.regularizers.l2)")
+    return float(lam)
+
+
+def _make_update(net, loss_fn, optimizer, regularizer, lam, grad):
+    """The un-jitted step body shared by :func:`make_step`, the loop and the scanned epoch.
+
+    ``update(state, x, y, w, active) -> (state, metrics, active)``. ``w=None`` uses
+    ``loss_fn`` as given (the batch mean); otherwise per-example weights. With ``active``
+    (a bool scalar) the update is applied only while ``active`` and the objective is finite;
+    ``active`` then becomes False for good, freezing the last finite state.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss must be a function (outputs, y) -> scalar, got {loss_fn!r}")
+    _check_optimizer(optimizer)
+    lam = _check_lam(regularizer, lam)
+    factory = resolve_grad(grad)
+    builtin = factory is autodiff_value_and_grad
+    wloss = weighted_loss(loss_fn)
+    if not builtin:  # plug-in modes only return (loss, grads)
+        vg_plain, vg_weighted = factory(net, loss_fn), factory(net, wloss)
+
+    def value_and_grad(params, x, y, w):
+        if builtin:  # one forward pass gives the loss, the gradient and the accuracy
+            def objective(p):
+                out = net.apply(p, x)
+                return (loss_fn(out, y) if w is None else wloss(out, (y, w))), out
+
+            (loss, out), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        else:
+            loss, grads = vg_plain(params, x, y) if w is None else vg_weighted(params, x, (y, w))
+            out = net.apply(params, x)
+        return loss, grads, out
+
+    def update(state, x, y, w=None, active=None):
+        loss, grads, out = value_and_grad(state.params, x, y, w)
+        objective = loss
+        if regularizer is not None and lam != 0.0:
+            omega, omega_grads = jax.value_and_grad(regularizer)(state.params)
+            grads = jax.tree_util.tree_map(lambda g, r: g + lam * r, grads, omega_grads)
+            objective = loss + lam * omega
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(params, opt_state, state.step + 1)
+        correct = _correct(out, y)
+        if w is None:
+            metrics = {"loss": loss, "objective": objective,
+                       "correct": jnp.sum(correct), "count": jnp.asarray(correct.size, loss.dtype)}
+        else:
+            metrics = {"loss": loss, "objective": objective,
+                       "correct": jnp.sum(w * correct), "count": jnp.sum(w)}
+        if active is not None:
+            active = jnp.logical_and(active, jnp.isfinite(objective))
+            new = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, state)
+        return new, metrics, active
+
+    return update
+
+
+def make_step(
+    net: Any,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    *,
+    regularizer: Callable[[Any], jax.Array] | None = None,
+    lam: float = 0.0,
+    grad: str | ValueAndGrad = "autodiff",
+    donate: bool = True,
+) -> Callable:
+    """A jit-compiled train step ``step(state, x, y, weights=None) -> (state, metrics)``.
+
+    The step minimises ``loss(net.apply(params, x), y) + lam * regularizer(params)`` with
+    one ``optimizer`` update; ``state`` is a :class:`TrainState` (see :func:`init_state`)
+    and its buffers are donated (``donate=False`` keeps them valid after the call).
+
+    Args:
+      net: a network (``apply(params, x)``), e.g. :class:`funcnet.Serial`.
+      loss: ``loss(outputs, y) -> scalar``, the mean over the batch.
+      optimizer: an optax ``GradientTransformation``.
+      regularizer: ``Omega(params) -> scalar`` (e.g. :func:`funcnet.regularizers.l2`).
+      lam: its weight ``lambda >= 0``.
+      grad: ``"autodiff"`` or a registered mode of :data:`GRAD_MODES`, or a callable
+        ``value_and_grad(net, loss) -> f(params, x, y) -> (loss, grads)``.
+      donate: donate the incoming state's buffers to the result.
+
+    The returned step takes ``x`` ``(B, ...)``, ``y`` ``(B, ...)`` and optional per-example
+    ``weights`` ``(B,)`` (0 marks padding) and returns ``metrics`` with scalars ``loss``
+    (data loss), ``objective`` (loss + lam * Omega), ``correct`` (weighted count of
+    correct argmax predictions; 0 when not a classification) and ``count`` (sum of weights).
+    """
+    update = _make_update(net, loss, optimizer, regularizer, lam, grad)
+
+    def step(state, x, y, weights=None):
+        new, metrics, _ = update(state, x, y, weights)
+        return new, metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+# ---------------------------------------------------------------------------------------
+# Epochs
+# ---------------------------------------------------------------------------------------
+
+
+def epoch_batches(
+    key: jax.Array, n: int, batch_size: int, shuffle: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """Example indices and weights of one epoch: ``(num_batches, batch_size)`` each.
+
+    A permutation of ``range(n)`` (``jax.random.permutation(key, n)``; identity if not
+    ``shuffle``) cut into batches; the last is padded with index 0 and weight 0.
+    """
+    nb = -(-n // batch_size)
+    pad = nb * batch_size - n
+    order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
+    idx = jnp.concatenate([order.astype(jnp.int32), jnp.zeros(pad, jnp.int32)])
+    w = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)])
+    return idx.reshape(nb, batch_size), w.reshape(nb, batch_size)
+
+
+def epoch_key(seed_key: jax.Array, epoch: int) -> jax.Array:
+    """The shuffling key of ``epoch`` (0-based): ``fold_in(seed_key, epoch)``; resumable."""
+    return jax.random.fold_in(seed_key, epoch)
+
+
+class EpochRunner:
+    """Runs epochs of ``update`` over device-resident ``(x, y)`` in ``"loop"`` or ``"scan"`` mode.
+
+    ``run(state, key, active) -> (state, metrics, active)`` with ``metrics`` a dict of
+    ``(num_batches,)`` arrays. Both modes draw the same batches for the same key and apply
+    the same step body; each compiles once (later epochs and the padded last batch reuse it).
+    """
+
+    def __init__(self, update, x, y, batch_size: int, mode: str, shuffle: bool = True):
+        if mode not in ("loop", "scan"):
+            raise ValueError(f"epoch mode must be 'loop' or 'scan', got {mode!r}")
+        self.mode = mode
+        self.x, self.y = x, y
+        self.n = int(x.shape[0])
+        self.batch_size = batch_size
+        self.num_batches = -(-self.n // batch_size)
+        n, bs = self.n, batch_size
+        w_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+
+        def batches(key):
+            idx, w = epoch_batches(key, n, bs, shuffle)
+            return idx, w.astype(w_dtype)
+
+        def gather(x, y, idx, w, i):
+            ib = idx[i]
+            return x[ib], y[ib], w[i]
+
+        def one_step(state, x, y, idx, w, i, active):
+            xb, yb, wb = gather(x, y, idx, w, i)
+            return update(state, xb, yb, wb, active)
+
+        def scan_epoch(state, x, y, key, active):
+            idx, w = batches(key)
+
+            def body(carry, i):
+                state, active = carry
+                state, metrics, active = one_step(state, x, y, idx, w, i, active)
+                return (state, active), metrics
+
+            (state, active), metrics = jax.lax.scan(
+                body, (state, active), jnp.arange(idx.shape[0])
+            )
+            return state, metrics, active
+
+        self._batches = jax.jit(batches)
+        self._step = jax.jit(one_step, donate_argnums=(0,))
+        self._epoch = jax.jit(scan_epoch, donate_argnums=(0,))
+        self._steps = [jnp.asarray(i, jnp.int32) for i in range(self.num_batches)]
+
+    def run(self, state, key, active, on_step: Callable[[int], None] | None = None):
+        if self.mode == "scan":
+            state, metrics, active = self._epoch(state, self.x, self.y, key, active)
+            if on_step is not None:
+                on_step(self.num_batches)
+            return state, metrics, active
+        idx, w = self._batches(key)
+        collected = []
+        for i in self._steps:
+            state, m, active = self._step(state, self.x, self.y, idx, w, i, active)
+            collected.append(m)
+            if on_step is not None:
+                on_step(1)
+        metrics = {k: jnp.stack([m[k] for m in collected]) for k in collected[0]}
+        return state, metrics, active
+
+    def cache_sizes(self) -> dict[str, int]:
+        """How many programs each jitted function holds (1 each after any number of epochs)."""
+        return {"step": self._step._cache_size(), "epoch": self._epoch._cache_size()}
+
+
+def has_conv(net: Any) -> bool:
+    """Whether ``net`` (a layer or ``Serial``) contains a convolution-like layer."""
+    layers = getattr(net, "layers", None)
+    if layers is not None:
+        return any(has_conv(layer) for layer in layers)
+    return type(net).__name__ in ("Conv", "LocallyConnected")
+
+
+def choose_epoch_mode(net: Any, mode: str = "auto") -> str:
+    """Resolve ``"auto"``: ``"loop"`` for nets with convolutions, else ``"scan"``.
+
+    Measured on XLA:CPU (BENCHMARKS.md): the scanned epoch is faster for dense networks
+    (no per-step dispatch) but slower for convolutions, whose weight-gradient
+    convolutions inside the scan's while-loop body are compiled to a slower kernel.
+    """
+    if mode not in EPOCH_MODES:
+        raise ValueError(f"epoch_mode must be one of {EPOCH_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "loop" if has_conv(net) else "scan"
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _eval_fn(net, loss_fn):
+    wloss = weighted_loss(loss_fn)
+
+    def run(params, x, y, idx, w):
+        def body(acc, i):
+            ib, wb = idx[i], w[i]
+            out = net.apply(params, x[ib])
+            loss = wloss(out, (y[ib], wb))
+            count = jnp.sum(wb)
+            return (acc[0] + loss * count, acc[1] + jnp.sum(wb * _correct(out, y[ib])),
+                    acc[2] + count), None
+
+        zero = jnp.zeros((), w.dtype)
+        (tot, cor, cnt), _ = jax.lax.scan(body, (zero, zero, zero), jnp.arange(idx.shape[0]))
+        return tot / cnt, cor / cnt
+
+    return jax.jit(run)
+
+
+@lru_cache(maxsize=64)
+def _predict_fn(net):
+    def run(params, x, idx):
+        return jax.lax.map(lambda ib: net.apply(params, x[ib]), idx)
+
+    return jax.jit(run)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {value!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def _num_classes(net: Any, x: np.ndarray) -> int | None:
+    try:
+        out = tuple(net.output_shape(tuple(x.shape[1:])))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"the network does not accept inputs of shape {x.shape[1:]}: {e}") from e
+    return out[-1] if len(out) == 1 else None
+
+
+def evaluate(
+    net: Any,
+    params: Any,
+    x: Any,
+    y: Any,
+    *,
+    loss: Loss = _losses.softmax_cross_entropy,
+    batch_size: int = 1024,
+) -> tuple[float, float | None]:
+    """``(mean loss, accuracy)`` of ``net`` with ``params`` over ``(x, y)``, in batches.
+
+    Accuracy is the fraction of argmax predictions equal to the integer labels (or to the
+    argmax of one-hot targets); ``None`` when ``y`` is neither.
+    """
+    batch_size = _positive_int(batch_size, "evaluate: batch_size")
+    x, y = _data.check_dataset(x, y, _num_classes(net, np.asarray(x)), where="evaluate")
+    out_shape = tuple(net.output_shape(tuple(x.shape[1:])))
+    bs = min(batch_size, x.shape[0])
+    idx, w = epoch_batches(jax.random.key(0), x.shape[0], bs, shuffle=False)
+    mean_loss, acc = _eval_fn(net, loss)(params, jnp.asarray(x), jnp.asarray(y), idx,
+                                         w.astype(x.dtype))
+    return float(mean_loss), (float(acc) if _has_accuracy(out_shape, y) else None)
+
+
+def predict(net: Any, params: Any, x: Any, *, batch_size: int = 1024) -> jax.Array:
+    """``net.apply(params, x)`` in batches of ``batch_size``: outputs ``(N, ...)``."""
+    batch_size = _positive_int(batch_size, "predict: batch_size")
+    x = jnp.asarray(x)
+    n = x.shape[0]
+    bs = min(batch_size, n)
+    idx, _ = epoch_batches(jax.random.key(0), n, bs, shuffle=False)
+    out = _predict_fn(net)(params, x, idx)
+    return out.reshape(-1, *out.shape[2:])[:n]
+
+
+# ---------------------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------------------
+
+
+def _epoch_summary(metrics: dict[str, np.ndarray]) -> tuple[float, float]:
+    count = metrics["count"]
+    total = float(np.sum(count))
+    return float(np.sum(metrics["loss"] * count) / total), float(np.sum(metrics["correct"]) / total)
+
+
+def fit(
+    net: Any,
+    params: Any,
+    x: Any,
+    y: Any,
+    *,
+    loss: Loss = _losses.softmax_cross_entropy,
+    optimizer: optax.GradientTransformation | None = None,
+    epochs: int = 10,
+    batch_size: int = 32,
+    regularizer: Callable[[Any], jax.Array] | None = None,
+    lam: float = 0.0,
+    validation_data: tuple[Any, Any] | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    loss_threshold: float | None = None,
+    patience: int | None = None,
+    restore_best: bool = False,
+    epoch_mode: str = "auto",
+    grad: str | ValueAndGrad = "autodiff",
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    state: TrainState | None = None,
+) -> FitResult:
+    """Train ``net`` from ``params`` on ``(x, y)`` for up to ``epochs`` epochs.
+
+    Everything is validated before the first step: ``x`` ``(N, ...)`` floating and finite,
+    ``y`` ``(N,)`` integer labels in ``[0, K)`` (``K`` = the network's outputs) or floating
+    targets with ``N`` rows, and the same for ``validation_data``.
+
+    Each epoch shuffles with ``fold_in(key(seed), epoch)``, runs ``ceil(N / batch_size)``
+    steps (the last batch padded with zero-weight examples: one compiled step for all), and
+    appends to the history: ``loss`` / ``accuracy`` (running means over the epoch's
+    steps), ``val_loss`` / ``val_accuracy`` (after the epoch, when ``validation_data`` is
+    given) and ``time`` (seconds). Accuracy is ``None`` for non-classification targets.
+
+    Stopping: after ``epochs``; when the epoch's training loss is ``<= loss_threshold``
+    (the lecture's rule, "stop when the loss is small enough"); or when ``val_loss`` has not
+    improved for ``patience`` epochs (``restore_best`` then returns the best parameters).
+    A non-finite loss raises :class:`NonFiniteLossError` naming the epoch and step; its
+    ``state`` holds the last finite parameters (updates stop at the bad step).
+
+    Args:
+      net, params: the network and its initial parameters (not modified).
+      loss: ``loss(outputs, y)``, the batch mean; default softmax cross-entropy.
+      optimizer: optax optimizer; default ``optax.sgd(0.1)``.
+      regularizer, lam: ``lam * regularizer(params)`` is added to the loss.
+      epoch_mode: ``"auto"``, ``"loop"`` (Python loop over a jitted step) or ``"scan"``
+        (one compiled program per epoch); see :func:`choose_epoch_mode`.
+      grad: gradient mode, see :func:`make_step`.
+      progress: show a tqdm progress bar.
+      checkpoint: file to save ``{"state": TrainState}`` (and the history in the
+        metadata) after every epoch, atomically.
+      resume: continue from ``checkpoint`` if it exists (bitwise the same result as an
+        uninterrupted run with the same arguments).
+      state: start from this :class:`TrainState` instead of ``init_state(params, ...)``.
+
+    Returns:
+      :class:`FitResult` ``(params, state, history, stop_reason)``.
+    """
+    optimizer = optax.sgd(0.1) if optimizer is None else optimizer
+    _check_optimizer(optimizer)
+    epochs = operator.index(epochs) if not isinstance(epochs, bool) else epochs
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}")
+    batch_size = _positive_int(batch_size, "fit: batch_size")
+    if patience is not None:
+        patience = _positive_int(patience, "fit: patience")
+        if validation_data is None:
+            raise ValueError("fit: patience needs validation_data")
+    if loss_threshold is not None and not isinstance(loss_threshold, int | float):
+        raise TypeError(f"fit: loss_threshold must be a number or None, got {loss_threshold!r}")
+    if resume and checkpoint is None:
+        raise ValueError("fit: resume=True needs a checkpoint path")
+    mode = choose_epoch_mode(net, epoch_mode)
+
+    x_np = np.asarray(x)
+    x_np, y_np = _data.check_dataset(x_np, y, _num_classes(net, x_np), where="fit: training data")
+    if validation_data is not None:
+        if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
+            raise TypeError("fit: validation_data must be a pair (x_val, y_val)")
+        xv, yv = _data.check_dataset(
+            np.asarray(validation_data[0]), validation_data[1],
+            _num_classes(net, np.asarray(validation_data[0])), where="fit: validation_data",
+        )
+    out_shape = tuple(net.output_shape(tuple(x_np.shape[1:])))
+    with_acc = _has_accuracy(out_shape, y_np)
+
+    update = _make_update(net, loss, optimizer, regularizer, lam, grad)
+    bs = min(batch_size, x_np.shape[0])
+    runner = EpochRunner(update, jnp.asarray(x_np), jnp.asarray(y_np), bs, mode, shuffle)
+
+    state = init_state(params, optimizer) if state is None else state
+    history: dict[str, list] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [],
+                                "time": []}
+    start = 0
+    if resume and os.path.exists(os.fspath(checkpoint)):
+        restored, meta = _ckpt.restore(checkpoint, {"state": state})
+        state = restored["state"]
+        start = int(meta["epoch"])
+        history = {k: list(v) for k, v in meta["history"].items()}
+
+    seed_key = jax.random.key(seed)
+    best = (math.inf, None, 0)  # (val loss, params copy, epochs since improvement)
+    stop_reason = "epochs"
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(epochs - start) * runner.num_batches, unit="step",
+                   desc=f"fit {mode}", leave=True)
+    try:
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            active = jnp.asarray(True)
+            state, metrics, active = runner.run(
+                state, epoch_key(seed_key, epoch), active,
+                on_step=(bar.update if bar is not None else None),
+            )
+            metrics = jax.device_get(metrics)
+            if not bool(active):
+                _raise_non_finite(epoch, metrics, state, history, runner)
+            train_loss, train_acc = _epoch_summary(metrics)
+            history["loss"].append(train_loss)
+            history["accuracy"].append(train_acc if with_acc else None)
+            if validation_data is not None:
+                vl, va = evaluate(net, state.params, xv, yv, loss=loss)
+                history["val_loss"].append(vl)
+                history["val_accuracy"].append(va)
+            history["time"].append(time.perf_counter() - t0)
+            if bar is not None:
+                post = {"loss": f"{train_loss:.4f}"}
+                if with_acc:
+                    post["acc"] = f"{train_acc:.4f}"
+                if validation_data is not None:
+                    post["val_loss"] = f"{history['val_loss'][-1]:.4f}"
+                    if with_acc:
+                        post["val_acc"] = f"{history['val_accuracy'][-1]:.4f}"
+                bar.set_postfix(post, refresh=False)
+                bar.set_description(f"fit {mode} epoch {epoch + 1}/{epochs}")
+            if checkpoint is not None:
+                _ckpt.save(checkpoint, {"state": state},
+                           metadata={"epoch": epoch + 1, "history": history, "seed": seed})
+            if loss_threshold is not None and train_loss <= loss_threshold:
+                stop_reason = "loss_threshold"
+                break
+            if patience is not None:
+                vl = history["val_loss"][-1]
+                if vl < best[0]:
+                    keep = (jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state.params)
+                            if restore_best else None)
+                    best = (vl, keep, 0)
+                else:
+                    best = (best[0], best[1], best[2] + 1)
+                    if best[2] >= patience:
+                        stop_reason = "patience"
+                        break
+    finally:
+        if bar is not None:
+            bar.close()
+    params_out = state.params
+    if stop_reason == "patience" and restore_best and best[1] is not None:
+        params_out = best[1]
+    return FitResult(params_out, state, history, stop_reason)
+
+
+def _raise_non_finite(epoch, metrics, state, history, runner):
+    bad = np.flatnonzero(~np.isfinite(metrics["objective"]))
+    i = int(bad[0]) if bad.size else 0
+    value = float(metrics["objective"][i])
+    global_step = int(state.step)
+    raise NonFiniteLossError(
+        f"fit: non-finite loss ({value}) at epoch {epoch + 1}, step {i + 1} of "
+        f"{runner.num_batches} (after {global_step} updates); training stopped and the last "
+        f"finite parameters are kept in the error's .state (check the data for NaN / inf "
+        f"values and the learning rate)",
+        epoch=epoch + 1, step=i + 1, global_step=global_step, value=value, state=state,
+        history=history,
+    )
