@@ -27,7 +27,8 @@ def parse_cells(source: str) -> list:
         text = "\n".join(lines).strip("\n")
         if kind == "markdown":
             text = "\n".join(
-                line[2:] if line.startswith("# ") else line.lstrip("#") for line in text.splitlines()
+                line[2:] if line.startswith("# ") else line.lstrip("#")
+                for line in text.splitlines()
             )
             cells.append(nbformat.v4.new_markdown_cell(text))
         elif kind == "code" and text.strip():
@@ -45,7 +46,11 @@ def parse_cells(source: str) -> list:
 
 def build(src: Path, execute: bool = True) -> Path:
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.cells = parse_cells(src.read_text())
     if execute:
         NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",

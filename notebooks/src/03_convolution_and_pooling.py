@@ -202,5 +202,6 @@ plt.show()
 
 # %% [markdown]
 # L2 pooling over a pair of orthogonal edge detectors gives an edge strength that no longer
-# depends on the edge's direction (or its sign): the pooled maps respond to every stroke. Max pooling over features (`FeatureMaxPool`,
-# "maxout") is the same idea with a max instead of the L2 norm.
+# depends on the edge's direction (or its sign): the pooled maps respond to every stroke.
+# Max pooling over features (`FeatureMaxPool`, "maxout") is the same idea with a max
+# instead of the L2 norm.
