@@ -62,11 +62,26 @@ def _leaf_to_numpy(leaf: Any) -> tuple[np.ndarray, str]:
         impl = str(jax.random.key_impl(leaf))
         return np.asarray(jax.random.key_data(leaf)), f"prng_key:{impl}"
     arr = np.asarray(leaf)
-    if arr.dtype == object:
+    if arr.dtype.kind not in "biufcV" or (arr.dtype.kind == "V" and not _is_ml_dtype(arr.dtype)):
         raise TypeError(
-            f"checkpoint.save: leaves must be arrays or numbers, got {type(leaf).__name__}"
+            f"checkpoint.save: leaves must be arrays or numbers, got {type(leaf).__name__} "
+            f"of dtype {arr.dtype}"
         )
-    return arr, "array"
+    return arr.astype(arr.dtype.newbyteorder("=")), "array"
+
+
+def _is_ml_dtype(dtype: np.dtype) -> bool:
+    # bfloat16, float8_*, int4 ...: numpy's .npy format would store them as raw void.
+    return type(dtype).__module__.startswith("ml_dtypes") or dtype.type.__module__.startswith(
+        "ml_dtypes"
+    )
+
+
+def _storable(arr: np.ndarray) -> np.ndarray:
+    """A view ``.npy`` can hold exactly: ml_dtypes (bfloat16...) as unsigned ints."""
+    if _is_ml_dtype(arr.dtype):
+        return arr.view(f"u{arr.dtype.itemsize}")
+    return arr
 
 
 def _fsync_dir(directory: str) -> None:
@@ -87,13 +102,13 @@ def _write_archive(f, tree: Any, metadata: Any) -> None:
             arr, kind = _leaf_to_numpy(leaf)
             member = f"leaf_{i:05d}.npy"
             buf = io.BytesIO()
-            np.lib.format.write_array(buf, arr, allow_pickle=False)
+            np.lib.format.write_array(buf, _storable(arr), allow_pickle=False)
             zf.writestr(member, buf.getvalue())
             entries.append({
                 "path": jax.tree_util.keystr(path),
                 "member": member,
                 "shape": list(arr.shape),
-                "dtype": arr.dtype.str if arr.dtype.byteorder not in "=|" else arr.dtype.name,
+                "dtype": arr.dtype.name,
                 "kind": kind,
             })  # fmt: skip
         manifest = {
@@ -182,7 +197,15 @@ def _read_leaf(zf: zipfile.ZipFile, entry: dict, path: str) -> np.ndarray:
             f"checkpoint {path!r}: leaf {entry.get('path')!r} is unreadable (truncated or "
             f"corrupt: {e})"
         ) from e
-    if list(arr.shape) != list(entry["shape"]) or np.dtype(entry["dtype"]) != arr.dtype:
+    try:
+        dtype = np.dtype(entry["dtype"])
+    except TypeError as e:
+        raise CheckpointError(
+            f"checkpoint {path!r}: leaf {entry['path']!r} has unknown dtype {entry['dtype']!r}"
+        ) from e
+    if _is_ml_dtype(dtype) and arr.dtype == np.dtype(f"u{dtype.itemsize}"):
+        arr = arr.view(dtype)
+    if list(arr.shape) != list(entry["shape"]) or dtype != arr.dtype:
         raise CheckpointError(
             f"checkpoint {path!r}: leaf {entry['path']!r} holds {arr.dtype}{list(arr.shape)}, "
             f"its manifest says {entry['dtype']}{entry['shape']} (corrupt file)"

@@ -1,0 +1,201 @@
+"""funcnet.checkpoint: exact round trips, template checks, corrupt files, atomic saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from funcnet import checkpoint, models, train
+
+
+def _tree():
+    net = models.mlp([5], 3)
+    params = net.init(jax.random.key(0), (4,))
+    opt_state = optax.adam(1e-3).init(params)
+    return {
+        "state": train.TrainState(params, opt_state, jnp.asarray(7, jnp.int32)),
+        "key": jax.random.key(42),
+        "np64": np.linspace(0, 1, 6).reshape(2, 3),  # float64 numpy survives as float64
+        "flags": np.array([True, False]),
+        "bf16": jnp.asarray([1.5, -2.25], jnp.bfloat16),
+        "count": 3,
+    }
+
+
+def _leaves(tree):
+    def raw(a):
+        if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return np.asarray(jax.random.key_data(a))
+        return np.asarray(a)
+
+    return [raw(a) for a in jax.tree_util.tree_leaves(tree)]
+
+
+def test_round_trip_is_exact(tmp_path):
+    tree = _tree()
+    path = tmp_path / "a.ckpt"
+    checkpoint.save(path, tree, metadata={"epoch": 3, "note": "hi"})
+    restored, meta = checkpoint.restore(path, tree)
+    assert meta == {"epoch": 3, "note": "hi"}
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(tree)
+    for a, b in zip(_leaves(restored), _leaves(tree), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    assert isinstance(restored["state"].params[1]["w"], jax.Array)
+    assert isinstance(restored["np64"], np.ndarray) and restored["np64"].dtype == np.float64
+    assert jax.random.key_impl(restored["key"]) == jax.random.key_impl(tree["key"])
+    # The restored key draws the same numbers.
+    np.testing.assert_array_equal(
+        jax.random.normal(restored["key"], (3,)), jax.random.normal(tree["key"], (3,))
+    )
+    assert checkpoint.read_metadata(path)["epoch"] == 3
+
+
+def test_format_is_plain_npz_with_json_manifest_keyed_by_paths(tmp_path):
+    path = tmp_path / "a.ckpt"
+    tree = {"layer": {"w": np.ones((2, 2), np.float32), "b": np.zeros(2, np.float32)}}
+    checkpoint.save(path, tree)
+    with zipfile.ZipFile(path) as zf:
+        manifest = json.loads(zf.read(checkpoint.MANIFEST))
+    assert manifest["format"] == "funcnet-checkpoint" and manifest["version"] == 1
+    assert [e["path"] for e in manifest["leaves"]] == ["['layer']['b']", "['layer']['w']"]
+    # Readable by numpy with pickling disabled.
+    with np.load(path, allow_pickle=False) as f:
+        np.testing.assert_array_equal(f["leaf_00001"], np.ones((2, 2)))
+    leaves, _ = checkpoint.load(path)
+    np.testing.assert_array_equal(leaves["['layer']['w']"], np.ones((2, 2)))
+
+
+def test_mismatched_template_raises_clear_errors(tmp_path):
+    tree = _tree()
+    path = tmp_path / "a.ckpt"
+    checkpoint.save(path, tree)
+
+    wider = dict(tree)
+    wider["state"] = tree["state"]._replace(params=models.mlp([6], 3).init(jax.random.key(0), (4,)))
+    with pytest.raises(checkpoint.CheckpointError, match=r"\.params\[1\]\['b'\].*\(5,\).*\(6,\)"):
+        checkpoint.restore(path, wider)
+
+    deeper = dict(tree)
+    deeper["state"] = tree["state"]._replace(params=models.mlp([5, 5], 3).init(jax.random.key(0), (4,)))
+    with pytest.raises(checkpoint.CheckpointError, match="tree structure differs"):
+        checkpoint.restore(path, deeper)
+
+    as_f64 = dict(tree, np64=tree["np64"].astype(np.float32))
+    with pytest.raises(checkpoint.CheckpointError, match=r"\['np64'\].*float64.*float32"):
+        checkpoint.restore(path, as_f64)
+
+    missing = {k: v for k, v in tree.items() if k != "count"}
+    with pytest.raises(checkpoint.CheckpointError, match=r"not in the template: \[\"\['count'\]\"\]"):
+        checkpoint.restore(path, missing)
+
+
+def test_truncated_and_corrupt_files_raise_clear_errors(tmp_path):
+    tree = _tree()
+    path = tmp_path / "a.ckpt"
+    checkpoint.save(path, tree)
+    blob = path.read_bytes()
+
+    for cut in (len(blob) // 2, len(blob) - 30, 10, 0):
+        bad = tmp_path / f"cut{cut}.ckpt"
+        bad.write_bytes(blob[:cut])
+        with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
+            checkpoint.restore(bad, tree)
+
+    # Flip one byte inside the first array's data: the CRC-32 check catches it.
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("leaf_00000.npy")
+    offset = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size - 1
+    flipped = bytearray(blob)
+    flipped[offset] ^= 0xFF
+    bad = tmp_path / "flip.ckpt"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
+        checkpoint.restore(bad, tree)
+
+    with pytest.raises(checkpoint.CheckpointError, match="no such file"):
+        checkpoint.restore(tmp_path / "nope.ckpt", tree)
+    other = tmp_path / "other.npz"
+    np.savez(other, a=np.ones(2))
+    with pytest.raises(checkpoint.CheckpointError, match="not a funcnet checkpoint"):
+        checkpoint.restore(other, tree)
+
+
+@pytest.mark.parametrize("where", ["mid_write", "replace"])
+def test_failed_save_leaves_old_checkpoint_readable(tmp_path, monkeypatch, where):
+    path = tmp_path / "a.ckpt"
+    old = {"w": np.arange(6, dtype=np.float32), "b": np.ones(3, np.float32)}
+    checkpoint.save(path, old, metadata={"version": "old"})
+    new = {"w": -np.arange(6, dtype=np.float32), "b": np.zeros(3, np.float32)}
+
+    if where == "mid_write":  # the second array write dies half-way through the archive
+        real = np.lib.format.write_array
+        calls = []
+
+        def flaky(fp, array, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                fp.write(b"partial")
+                raise OSError("disk full (simulated)")
+            return real(fp, array, **kw)
+
+        monkeypatch.setattr(np.lib.format, "write_array", flaky)
+    else:
+
+        def boom(src, dst):
+            raise OSError("rename failed (simulated)")
+
+        monkeypatch.setattr(os, "replace", boom)
+
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.save(path, new, metadata={"version": "new"})
+    monkeypatch.undo()
+
+    restored, meta = checkpoint.restore(path, old)
+    assert meta == {"version": "old"}
+    np.testing.assert_array_equal(restored["w"], old["w"])
+    assert os.listdir(tmp_path) == ["a.ckpt"]  # no temporary file left behind
+    checkpoint.save(path, new, metadata={"version": "new"})
+    restored, meta = checkpoint.restore(path, new)
+    assert meta == {"version": "new"}
+    np.testing.assert_array_equal(restored["w"], new["w"])
+
+
+def test_save_argument_errors(tmp_path):
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        checkpoint.save(tmp_path / "a.ckpt", {"w": np.ones(2)}, metadata={"f": object()})
+    with pytest.raises(ValueError, match="does not exist"):
+        checkpoint.save(tmp_path / "no" / "a.ckpt", {"w": np.ones(2)})
+    with pytest.raises(TypeError, match="leaves must be arrays"):
+        checkpoint.save(tmp_path / "a.ckpt", {"w": "text"})
+    assert os.listdir(tmp_path) == []
+
+
+def test_resume_from_mid_run_checkpoint_is_bitwise_identical(tmp_path):
+    s = np.random.default_rng(0)
+    x = s.normal(size=(40, 6)).astype(np.float32)
+    y = s.integers(0, 3, size=40).astype(np.int32)
+    net = models.mlp([8], 3)
+    params = net.init(jax.random.key(1), (6,))
+    kw = dict(optimizer=optax.adam(1e-2), batch_size=16, seed=3, progress=False,
+              epoch_mode="loop")  # fmt: skip
+
+    full = train.fit(net, params, x, y, epochs=4, **kw)
+    path = tmp_path / "run.ckpt"
+    first = train.fit(net, params, x, y, epochs=2, checkpoint=path, **kw)
+    assert checkpoint.read_metadata(path)["epoch"] == 2
+    resumed = train.fit(net, params, x, y, epochs=4, checkpoint=path, resume=True, **kw)
+
+    assert not np.array_equal(first.params[-1]["w"], full.params[-1]["w"])
+    for a, b in zip(jax.tree_util.tree_leaves(resumed.state),
+                    jax.tree_util.tree_leaves(full.state), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed.history["loss"] == full.history["loss"]
+    assert int(resumed.state.step) == 4 * 3
