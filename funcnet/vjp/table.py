@@ -1,0 +1,76 @@
+"""The single table op -> hand-written rule, and :func:`manual`, which turns a rule into a
+``jax.custom_vjp`` function.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from funcnet.vjp import activation, conv, dense, gates, losses, pool, regularizers
+from funcnet.vjp._common import Rule
+
+#: Every op of :mod:`funcnet.ops`, every loss, regularizer and lecture gate -> its rule.
+RULES: dict[Callable, Rule] = {
+    **dense.RULES,
+    **conv.RULES,
+    **pool.RULES,
+    **activation.RULES,
+    **losses.RULES,
+    **regularizers.RULES,
+    **gates.RULES,
+}
+
+
+def rule_for(op: Callable) -> Rule:
+    """The hand-written :class:`Rule` of ``op``; ``KeyError`` naming the known ops if none."""
+    try:
+        return RULES[op]
+    except (KeyError, TypeError):
+        known = ", ".join(sorted(f.__module__.split(".")[-1] + "." + f.__name__ for f in RULES))
+        raise KeyError(
+            f"no hand-written rule for {getattr(op, '__name__', op)!r}; rules exist for: {known}"
+        ) from None
+
+
+def manual(op: Callable) -> Callable:
+    """``op`` wrapped in ``jax.custom_vjp`` with its hand-written backward rule.
+
+    The wrapped function has ``op``'s signature and value. Its array arguments (the
+    rule's ``diff`` names) are differentiated through the rule's ``bwd``; every other
+    argument (stride, padding, window, axis, mask, ...) is a static hyper-parameter
+    closed over, so it may be any Python value. Works under ``jit``, ``vmap`` and
+    ``grad``::
+
+        conv = vjp.manual(fn.ops.conv2d)
+        jax.grad(lambda w: conv(x, w, None, 2, "SAME").sum())(w)   # uses conv2d_bwd
+    """
+    rule = rule_for(op)
+    signature = inspect.signature(rule.fwd)
+
+    @functools.wraps(op)
+    def wrapped(*args: Any, **kwargs: Any):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arrays = tuple(bound.arguments[name] for name in rule.diff)
+        static = {k: v for k, v in bound.arguments.items() if k not in rule.diff}
+
+        def call(*arrays):
+            return rule.fwd(**dict(zip(rule.diff, arrays, strict=True)), **static)
+
+        @jax.custom_vjp
+        def f(*arrays):
+            return call(*arrays)[0]
+
+        def f_bwd(res, g):
+            return tuple(rule.bwd(res, g))
+
+        f.defvjp(call, f_bwd)
+        return f(*arrays)
+
+    wrapped.rule = rule
+    return wrapped
