@@ -234,7 +234,11 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad):
             metrics = {"loss": loss, "objective": objective,
                        "correct": jnp.sum(w * correct), "count": jnp.sum(w)}
         if active is not None:
-            active = jnp.logical_and(active, jnp.isfinite(objective))
+            # One fused reduction: any NaN / inf in a gradient makes the sum non-finite.
+            gsum = sum((jnp.sum(g) for g in jax.tree_util.tree_leaves(grads)), jnp.zeros(()))
+            finite = jnp.logical_and(jnp.isfinite(objective), jnp.isfinite(gsum))
+            metrics["finite"] = finite
+            active = jnp.logical_and(active, finite)
             new = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, state)
         return new, metrics, active
 
@@ -452,6 +456,30 @@ def _num_classes(net: Any, x: np.ndarray) -> int | None:
     return out[-1] if len(out) == 1 else None
 
 
+def check_params(net: Any, params: Any, input_shape: tuple[int, ...], where: str = "fit") -> None:
+    """Raise ``ValueError`` if ``params`` do not fit ``net`` for inputs of ``input_shape``.
+
+    Uses ``net.param_shapes(input_shape)`` (no allocation) where the network has it.
+    """
+    shapes = getattr(net, "param_shapes", None)
+    if shapes is None:
+        return
+    expected = shapes(tuple(input_shape))
+    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
+    g_leaves, g_def = jax.tree_util.tree_flatten_with_path(params)
+    if e_def != g_def:
+        raise ValueError(
+            f"{where}: params do not have the network's structure for inputs of shape "
+            f"{tuple(input_shape)}: expected {e_def}, got {g_def}"
+        )
+    for (path, e), (_, g) in zip(e_leaves, g_leaves, strict=True):
+        if tuple(jnp.shape(g)) != tuple(e.shape):
+            raise ValueError(
+                f"{where}: params{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(g))}, "
+                f"the network expects {tuple(e.shape)} for inputs of shape {tuple(input_shape)}"
+            )
+
+
 def evaluate(
     net: Any,
     params: Any,
@@ -538,8 +566,8 @@ def fit(
     Stopping: after ``epochs``; when the epoch's training loss is ``<= loss_threshold``
     (the lecture's rule, "stop when the loss is small enough"); or when ``val_loss`` has not
     improved for ``patience`` epochs (``restore_best`` then returns the best parameters).
-    A non-finite loss raises :class:`NonFiniteLossError` naming the epoch and step; its
-    ``state`` holds the last finite parameters (updates stop at the bad step).
+    A non-finite loss (or gradient) raises :class:`NonFiniteLossError` naming the epoch and
+    step; its ``state`` holds the last finite parameters (updates stop at the bad step).
 
     Args:
       net, params: the network and its initial parameters (not modified).
@@ -585,6 +613,7 @@ def fit(
             _num_classes(net, np.asarray(validation_data[0])), where="fit: validation_data",
         )
     out_shape = tuple(net.output_shape(tuple(x_np.shape[1:])))
+    check_params(net, params if state is None else state.params, x_np.shape[1:])
     with_acc = _has_accuracy(out_shape, y_np)
 
     update = _make_update(net, loss, optimizer, regularizer, lam, grad)
@@ -666,15 +695,15 @@ def fit(
 
 
 def _raise_non_finite(epoch, metrics, state, history, runner):
-    bad = np.flatnonzero(~np.isfinite(metrics["objective"]))
+    bad = np.flatnonzero(~metrics["finite"])
     i = int(bad[0]) if bad.size else 0
     value = float(metrics["objective"][i])
     global_step = int(state.step)
     raise NonFiniteLossError(
-        f"fit: non-finite loss ({value}) at epoch {epoch + 1}, step {i + 1} of "
-        f"{runner.num_batches} (after {global_step} updates); training stopped and the last "
-        f"finite parameters are kept in the error's .state (check the data for NaN / inf "
-        f"values and the learning rate)",
+        f"fit: non-finite loss or gradient (loss {value}) at epoch {epoch + 1}, step {i + 1} "
+        f"of {runner.num_batches} (after {global_step} updates); training stopped and the "
+        f"last finite parameters are kept in the error's .state (check the data for NaN / "
+        f"inf or huge values, and the learning rate)",
         epoch=epoch + 1, step=i + 1, global_step=global_step, value=value, state=state,
         history=history,
     )
