@@ -89,8 +89,32 @@ def conv2d_fwd(
     return y, Conv2dResiduals(x, w, b, geom)
 
 
+#: Kernels with at most this many taps take the matmul + scatter input gradient.
+SCATTER_MAX_TAPS = 25
+
+
 def conv2d_input_grad(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
-    """``dL/dx``, ``(N, H, W, C_in)``: correlation of the flipped kernel with dilated ``g``."""
+    """``dL/dx``, ``(N, H, W, C_in)``; the faster of two exact formulations per shape."""
+    if res.geom.window[0] * res.geom.window[1] <= SCATTER_MAX_TAPS:
+        return input_grad_scatter(res, g)
+    return input_grad_correlation(res, g)
+
+
+def input_grad_scatter(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
+    """``dL/dx`` as one matmul ``g w[k,l]^T`` for all taps, scattered back per tap.
+
+    ``dxp[n, i s + k d, j s + l d, c] += sum_o g[n,i,j,o] w[k,l,c,o]``. On XLA:CPU this
+    beats the transposed convolution for small kernels (LeNet: 2.0 vs 4.4 ms).
+    """
+    geom = res.geom
+    kh, kw, c_in, c_out = res.w.shape
+    taps = jnp.einsum("nijo,pco->nijpc", g, res.w.reshape(kh * kw, c_in, c_out))
+    parts = [taps[:, :, :, p] for p in range(kh * kw)]
+    return crop_input(scatter_windows(parts, geom), geom)
+
+
+def input_grad_correlation(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
+    """``dL/dx`` as a correlation of the flipped kernel with ``g`` dilated by the stride."""
     geom = res.geom
     hp, wp = geom.padded_hw
     pads = []
@@ -116,14 +140,8 @@ def conv2d_input_grad(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
 
 def conv2d_kernel_grad(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
     """``dL/dw``, ``(KH, KW, C_in, C_out)``: correlation of the input with ``g``."""
+    # (im2col + einsum measured 1.5-4x slower on XLA:CPU for LeNet's shapes.)
     geom = res.geom
-    if res.x.shape[3] == 1:
-        # One input channel: KH*KW dot products of shifted inputs with g.
-        xp = pad_input(res.x, geom)
-        parts = window_slices(xp, geom)  # each (N, H_out, W_out, 1)
-        patches = jnp.concatenate(parts, axis=3)  # (N, H_out, W_out, KH*KW)
-        dw = jnp.einsum("nijp,nijo->po", patches, g)
-        return dw.reshape(*geom.window, 1, g.shape[3])
     pads = []
     for axis in range(2):
         k_eff = (geom.window[axis] - 1) * geom.dilation[axis] + 1
