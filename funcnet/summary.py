@@ -165,9 +165,8 @@ class Summary:
                 out.append(tr)
             return [*out, rf, jump]
 
-        body = [cells("", "input", str(self.input_shape), "", "", "",
-                      "1x1" if len(self.input_shape) >= 2 else "-",
-                      "1x1" if len(self.input_shape) >= 2 else "-")]
+        unit = _fmt_pair((1,) * len(_spatial(self.input_shape)))
+        body = [cells("", "input", str(self.input_shape), "", "", "", unit, unit)]
         for r in self.rows:
             mark = "*" if r.flops_source == "xla" else ""
             body.append(cells(
@@ -359,6 +358,12 @@ def _layer_rf(layer: Layer, in_shape: Shape, state: _RF) -> _RF:
 # ---------------------------------------------------------------------------------------
 
 
+def _spatial(shape: Shape) -> Shape:
+    """The spatial axes of an unbatched input: ``H, W`` of ``(H, W, C)``, else all but the
+    last (feature) axis."""
+    return shape[:2] if len(shape) == 3 else shape[:-1]
+
+
 def _leaves(net: Layer, shape: Shape, path: tuple[int, ...]) -> Iterator[tuple]:
     """``(path, layer, input_shape)`` of every non-Serial layer, depth first."""
     if isinstance(net, Serial):
@@ -388,7 +393,7 @@ def summary(net: Any, input_shape: Shape) -> Summary:
     if not isinstance(net, Layer):
         raise TypeError(f"summary: net must be a funcnet layer or Serial, got {net!r}")
     net.output_shape(shape)  # validates the whole network, errors name the layer
-    spatial = shape[:2] if len(shape) == 3 else (shape[:-1] if len(shape) > 1 else ())
+    spatial = _spatial(shape)
     state = _RF(
         extent=spatial,
         rf=(1,) * len(spatial),
