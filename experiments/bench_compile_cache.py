@@ -176,7 +176,10 @@ def section_text(results: dict, repeats: int) -> str:
         `fn.cache.enable_compilation_cache(dir)` on an empty directory (compile + write);
         `warm`: the same directory, filled by the cold run (the executable is loaded,
         XLA's passes are skipped). Tracing and lowering are not cached (JAX always
-        re-traces); only the XLA compile is.
+        re-traces); only the XLA compile is. "Process to first result" is the whole cold
+        or warm start: importing jax and funcnet, initialising the parameters (each
+        initializer is a small program compiled per shape, cached as well), compiling
+        the program and running it once.
 
         """
     ) + table(results, repeats) + (
