@@ -103,15 +103,12 @@ def _differences(f, params, h, method, chunk_bytes) -> FiniteDifferences:
     for leaf in leaves:
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise TypeError(f"numerical_grad: every leaf must be floating, got {leaf.dtype}")
+    steps = [default_step(leaf.dtype) if h is None else float(h) for leaf in leaves]
+    chunks = [int(min(max(leaf.size, 1), max(1, chunk_bytes // max(leaf.nbytes, 1))))
+              for leaf in leaves]
+    values = _all_values(f, treedef, tuple(chunks), tuple(steps), method)(leaves)
     out = {"central": [], "forward": [], "backward": []}
-    for li, leaf in enumerate(leaves):
-        if leaf.size == 0:
-            for v in out.values():
-                v.append(jnp.zeros_like(leaf))
-            continue
-        step = default_step(leaf.dtype) if h is None else h
-        chunk = int(min(leaf.size, max(1, chunk_bytes // max(leaf.nbytes, 1))))
-        plus, minus, f0 = _leaf_values(f, treedef, li, chunk, float(step), method, leaves)
+    for leaf, step, (plus, minus, f0) in zip(leaves, steps, values, strict=True):
         plus = plus[: leaf.size].reshape(leaf.shape)
         out["forward"].append((plus - f0) / step)
         if method == "central":
@@ -124,36 +121,42 @@ def _differences(f, params, h, method, chunk_bytes) -> FiniteDifferences:
     return FiniteDifferences(*(unflat(out[k]) for k in ("central", "forward", "backward")))
 
 
-def _leaf_values(f, treedef, li, chunk, h, method, leaves):
-    """``(f(p + h e_i), f(p - h e_i), f(p))`` for every index ``i`` of leaf ``li``."""
-    leaf = leaves[li]
-    n_chunks = -(-leaf.size // chunk)
-    # Padding indices repeat index 0; their results are sliced off.
-    idx = np.zeros(n_chunks * chunk, np.int32)
-    idx[: leaf.size] = np.arange(leaf.size)
+def _all_values(f, treedef, chunks, steps, method):
+    """One jitted function: ``[(f(p + h e_i), f(p - h e_i), f(p)) for each leaf]``."""
 
     @jax.jit
-    def run(leaves, idx):
-        flat = leaves[li].reshape(-1)
-        positions = lax.iota(jnp.int32, flat.size)
-
-        def value(i, delta):
-            moved = jnp.where(positions == i, flat + delta, flat).reshape(leaf.shape)
-            new = [*leaves[:li], moved, *leaves[li + 1 :]]
-            return f(jax.tree_util.tree_unflatten(treedef, new))
-
-        if method == "central":
-            def both(i):
-                return value(i, h), value(i, -h)
-        else:
-            def both(i):
-                return value(i, h), value(i, h)  # minus unused; XLA drops the duplicate
-
-        plus, minus = lax.map(jax.vmap(both), idx.reshape(n_chunks, chunk))
+    def run(leaves):
         f0 = f(jax.tree_util.tree_unflatten(treedef, leaves))
-        return plus.reshape(-1), minus.reshape(-1), f0
+        results = []
+        for li, (leaf, chunk, h) in enumerate(zip(leaves, chunks, steps, strict=True)):
+            if leaf.size == 0:
+                results.append((leaf.reshape(-1), leaf.reshape(-1), f0))
+                continue
+            n_chunks = -(-leaf.size // chunk)
+            # Padding indices repeat index 0; their results are sliced off.
+            idx = np.zeros(n_chunks * chunk, np.int32)
+            idx[: leaf.size] = np.arange(leaf.size)
+            flat = leaf.reshape(-1)
+            positions = lax.iota(jnp.int32, flat.size)
 
-    return run(leaves, jnp.asarray(idx))
+            def value(i, delta, li=li, leaf=leaf, flat=flat, positions=positions):
+                moved = jnp.where(positions == i, flat + delta, flat).reshape(leaf.shape)
+                new = [*leaves[:li], moved, *leaves[li + 1 :]]
+                return f(jax.tree_util.tree_unflatten(treedef, new))
+
+            if method == "central":
+                def both(i, value=value, h=h):
+                    return value(i, h), value(i, -h)
+            else:
+                def both(i, value=value, h=h):
+                    v = value(i, h)
+                    return v, v
+
+            plus, minus = lax.map(jax.vmap(both), jnp.asarray(idx).reshape(n_chunks, chunk))
+            results.append((plus.reshape(-1), minus.reshape(-1), f0))
+        return results
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,23 +403,26 @@ def check_rule(
     def call(*a):
         return op(*a, **static)
 
-    out, res = rule.fwd(*args, **static)
-    ref_out, vjp_fn = jax.vjp(call, *args)
-    leaves = jax.tree_util.tree_leaves(out)
+    wrapped = vjp.manual(op)
+
+    @jax.jit
+    def three_ways(args, g):
+        out, res = rule.fwd(*args, **static)
+        ref_out, vjp_fn = jax.vjp(call, *args)
+        custom = jax.vjp(lambda *a: wrapped(*a, **static), *args)[1](g)
+        return out, ref_out, rule.bwd(res, g), vjp_fn(g), custom
+
+    out_shape = jax.eval_shape(call, *args)
+    leaves = jax.tree_util.tree_leaves(out_shape)
     keys = jax.random.split(key, len(leaves))
-    g_leaves = [
-        jax.random.normal(k, jnp.shape(o), jnp.result_type(o))
-        for k, o in zip(keys, leaves, strict=True)
-    ]
-    g = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out), g_leaves)
+    g_leaves = [jax.random.normal(k, o.shape, o.dtype) for k, o in zip(keys, leaves, strict=True)]
+    g = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), g_leaves)
+    out, ref_out, mine, ref, custom = three_ways(tuple(args), g)
     forward = max(
         relative_error(a, b)
-        for a, b in zip(leaves, jax.tree_util.tree_leaves(ref_out), strict=True)
+        for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref_out),
+                        strict=True)
     )
-    mine = rule.bwd(res, g)
-    ref = vjp_fn(g)
-    wrapped = vjp.manual(op)
-    custom = jax.vjp(lambda *a: wrapped(*a, **static), *args)[1](g)
 
     def floating(a):
         leaves = jax.tree_util.tree_leaves(a)
@@ -431,19 +437,19 @@ def check_rule(
         )
 
     vs_auto, vs_custom, vs_fd = {}, {}, {}
-    for i, name in enumerate(names):
-        if not floating(args[i]):
-            continue
-        vs_auto[name] = tree_error(mine[i], ref[i])
-        vs_custom[name] = tree_error(mine[i], custom[i])
-        if finite_differences:
-            def inner(a, i=i):
-                full = list(args)
+    diff_idx = [i for i, _ in enumerate(names) if floating(args[i])]
+    for i in diff_idx:
+        vs_auto[names[i]] = tree_error(mine[i], ref[i])
+        vs_custom[names[i]] = tree_error(mine[i], custom[i])
+    if finite_differences and diff_idx:
+        def inner(diff_args):
+            full = list(args)
+            for i, a in zip(diff_idx, diff_args, strict=True):
                 full[i] = a
-                return sum(
-                    jnp.sum(o * gl) for o, gl in zip(
-                        jax.tree_util.tree_leaves(call(*full)), g_leaves, strict=True)
-                )
+            outs = jax.tree_util.tree_leaves(call(*full))
+            return sum(jnp.sum(o * gl) for o, gl in zip(outs, g_leaves, strict=True))
 
-            vs_fd[name] = tree_error(mine[i], numerical_grad(inner, args[i], h=h))
+        fd = numerical_grad(inner, tuple(args[i] for i in diff_idx), h=h)
+        for i, d in zip(diff_idx, fd, strict=True):
+            vs_fd[names[i]] = tree_error(mine[i], d)
     return RuleReport(forward, vs_auto, vs_custom, vs_fd)
