@@ -589,9 +589,11 @@ def fit(
     """
     optimizer = optax.sgd(0.1) if optimizer is None else optimizer
     _check_optimizer(optimizer)
-    epochs = operator.index(epochs) if not isinstance(epochs, bool) else epochs
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+    if isinstance(epochs, bool) or not isinstance(epochs, int | np.integer):
+        raise TypeError(f"fit: epochs must be a non-negative int, got {epochs!r}")
+    if epochs < 0:
         raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}")
+    epochs = int(epochs)
     batch_size = _positive_int(batch_size, "fit: batch_size")
     if patience is not None:
         patience = _positive_int(patience, "fit: patience")
