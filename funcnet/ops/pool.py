@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from funcnet import _checks
@@ -35,9 +36,13 @@ def pool_geometry(x_shape, window, stride, padding, where):
 
 
 def _reduce(x, init, op, window, stride, pads):
+    # The init value must be a concrete numpy scalar: JAX recognises max / add windows
+    # (and so differentiates them) only when it can see the init is -inf / 0. A jnp
+    # constant is traced under jit and turns max pooling into an undifferentiable
+    # generic reduce_window.
     return lax.reduce_window(
         x,
-        jnp.asarray(init, x.dtype),
+        np.asarray(init, dtype=x.dtype),
         op,
         (1, *window, 1),
         (1, *stride, 1),
