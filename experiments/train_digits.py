@@ -5,7 +5,9 @@
 
 Writes to ``--out`` (default ``runs/digits``): ``metrics.json`` (configuration, history,
 final test loss / accuracy, wall time), ``curves.png`` (loss and accuracy per epoch) and
-``checkpoint.ckpt`` (the final :class:`funcnet.train.TrainState`, a funcnet checkpoint).
+``checkpoint.ckpt`` (the final :class:`funcnet.train.TrainState`, a funcnet checkpoint) and
+``model.fnx`` (the trained forward pass exported as StableHLO with a symbolic batch:
+``funcnet.export.load("model.fnx")(x)`` runs it without the network's code).
 
 Defaults (per model; every one can be overridden): AdamW with a cosine-decayed learning
 rate and decoupled weight decay on the weights (not the biases), 40 epochs; CNN batch 32,
@@ -27,7 +29,7 @@ import numpy as np
 import optax
 
 import funcnet as fn
-from funcnet import checkpoint, data, regularizers, train
+from funcnet import checkpoint, data, export, regularizers, train
 
 DEFAULTS = {
     "cnn": {"epochs": 40, "batch_size": 32, "lr": 3e-3, "weight_decay": 1e-2},
@@ -142,13 +144,16 @@ def main(argv=None) -> dict:
         "machine": {"jax": jax.__version__, "backend": jax.default_backend(),
                     "cpu_count": os.cpu_count(), "python": platform.python_version()},
     }  # fmt: skip
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+    export.save(os.path.join(args.out, "model.fnx"), net, result.params, input_shape)
+    metrics_path = os.path.join(args.out, "metrics.json")
+    with open(metrics_path + ".tmp", "w") as f:  # atomic: never a half-written file
         json.dump(metrics, f, indent=1)
+    os.replace(metrics_path + ".tmp", metrics_path)
     save_curves(result.history, os.path.join(args.out, "curves.png"),
                 f"digits, {args.model}: test accuracy {test_acc:.2%}")
     print(f"final test accuracy: {test_acc:.2%} (test loss {test_loss:.4f}); "
           f"total time {wall:.1f} s including compilation; wrote {args.out}/metrics.json, "
-          f"curves.png, checkpoint.ckpt")
+          f"curves.png, checkpoint.ckpt, model.fnx")
     sys.stdout.flush()
     return metrics
 

@@ -1,10 +1,23 @@
 """funcnet: neural networks as pure functions over parameter pytrees, in JAX.
 
 ``import funcnet as fn`` gives the layers, the ``Serial`` combinator, ``summary`` and the
-sub-modules ``fn.ops``, ``fn.losses`` and ``fn.regularizers``.
+sub-modules ``fn.ops``, ``fn.losses``, ``fn.regularizers``, ``fn.models``, ``fn.train``,
+``fn.data``, ``fn.checkpoint``, ``fn.graph``, ``fn.export`` and ``fn.cache``.
 """
 
-from funcnet import losses, models, ops, regularizers
+from funcnet import (
+    cache,
+    checkpoint,
+    data,
+    export,
+    graph,
+    losses,
+    models,
+    ops,
+    regularizers,
+    train,
+)
+from funcnet.cache import enable_compilation_cache
 from funcnet.layers import (
     Activation,
     AvgPool,
@@ -49,10 +62,17 @@ __all__ = [
     "Softmax",
     "Summary",
     "Tanh",
+    "cache",
+    "checkpoint",
+    "data",
+    "enable_compilation_cache",
+    "export",
+    "graph",
     "losses",
     "models",
     "ops",
     "param_count",
     "regularizers",
     "summary",
+    "train",
 ]
