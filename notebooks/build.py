@@ -44,6 +44,30 @@ def parse_cells(source: str) -> list:
     return cells
 
 
+def _render_carriage_returns(text: str) -> str:
+    """What a terminal shows: on each line only the text after its last carriage return."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def coalesce_streams(nb) -> None:
+    """Merge consecutive stdout / stderr chunks (e.g. a progress bar's updates) in place."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        merged = []
+        for out in cell.outputs:
+            prev = merged[-1] if merged else None
+            if (out.output_type == "stream" and prev is not None
+                    and prev.output_type == "stream" and prev.name == out.name):
+                prev.text += out.text
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.output_type == "stream":
+                out.text = _render_carriage_returns(out.text)
+        cell.outputs = merged
+
+
 def build(src: Path, execute: bool = True) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {
@@ -55,6 +79,7 @@ def build(src: Path, execute: bool = True) -> Path:
     if execute:
         NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
                        resources={"metadata": {"path": str(HERE)}}).execute()
+        coalesce_streams(nb)
     out = HERE / f"{src.stem}.ipynb"
     tmp = out.with_suffix(".ipynb.tmp")
     nbformat.write(nb, tmp)
