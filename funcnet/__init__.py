@@ -2,7 +2,8 @@
 
 ``import funcnet as fn`` gives the layers, the ``Serial`` combinator, ``summary`` and the
 sub-modules ``fn.ops``, ``fn.losses``, ``fn.regularizers``, ``fn.models``, ``fn.train``,
-``fn.data``, ``fn.checkpoint``, ``fn.graph``, ``fn.export`` and ``fn.cache``.
+``fn.data``, ``fn.checkpoint``, ``fn.vjp`` (hand-written backward rules), ``fn.gradcheck``,
+``fn.graph``, ``fn.export`` and ``fn.cache``.
 """
 
 from funcnet import (
@@ -10,12 +11,14 @@ from funcnet import (
     checkpoint,
     data,
     export,
+    gradcheck,
     graph,
     losses,
     models,
     ops,
     regularizers,
     train,
+    vjp,
 )
 from funcnet.cache import enable_compilation_cache
 from funcnet.layers import (
@@ -67,6 +70,7 @@ __all__ = [
     "data",
     "enable_compilation_cache",
     "export",
+    "gradcheck",
     "graph",
     "losses",
     "models",
@@ -75,4 +79,5 @@ __all__ = [
     "regularizers",
     "summary",
     "train",
+    "vjp",
 ]
