@@ -406,18 +406,28 @@ def check_rule(
     wrapped = vjp.manual(op)
 
     @jax.jit
-    def three_ways(args, g):
+    def hand(args, g):
         out, res = rule.fwd(*args, **static)
-        ref_out, vjp_fn = jax.vjp(call, *args)
         custom = jax.vjp(lambda *a: wrapped(*a, **static), *args)[1](g)
-        return out, ref_out, rule.bwd(res, g), vjp_fn(g), custom
+        return out, rule.bwd(res, g), custom
+
+    def autodiff(args, g):
+        ref_out, vjp_fn = jax.vjp(call, *args)
+        return ref_out, vjp_fn(g)
 
     out_shape = jax.eval_shape(call, *args)
     leaves = jax.tree_util.tree_leaves(out_shape)
     keys = jax.random.split(key, len(leaves))
     g_leaves = [jax.random.normal(k, o.shape, o.dtype) for k, o in zip(keys, leaves, strict=True)]
     g = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), g_leaves)
-    out, ref_out, mine, ref, custom = three_ways(tuple(args), g)
+    out, mine, custom = hand(tuple(args), g)
+    try:
+        ref_out, ref = jax.jit(autodiff)(tuple(args), g)
+    except ValueError:
+        # jax.vjp of ops.max_pool / sum-based pools fails under jit at funcnet 0.1.0
+        # (ops.pool passes a traced reduce_window init, so JAX cannot linearize it);
+        # eagerly it works.
+        ref_out, ref = autodiff(tuple(args), g)
     forward = max(
         relative_error(a, b)
         for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref_out),
