@@ -56,7 +56,7 @@ def test_conv2d_rule_matches_autodiff_and_differences(in_shape, k_shape, stride,
     _assert_rule(report)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     h=st.integers(3, 9), w=st.integers(3, 9), c=st.integers(1, 3), o=st.integers(1, 3),
     kh=st.integers(1, 4), kw=st.integers(1, 4), s=st.integers(1, 3), d=st.integers(1, 2),
@@ -118,8 +118,8 @@ def test_extract_patches_rule(window, stride, padding, dilation):
 
 @pytest.mark.parametrize(
     "stride,padding,dilation,bias",
-    [(1, "VALID", 1, True), (2, "SAME", 1, True), (1, 1, 2, False), ((2, 3), "SAME", 1, True)],
-    ids=["s1-valid", "s2-same", "s1-p1-d2-nobias", "s2x3-same"],
+    [(1, 1, 2, False), ((2, 3), "SAME", 1, True)],
+    ids=["s1-p1-d2-nobias", "s2x3-same"],
 )
 def test_locally_connected_rule(stride, padding, dilation, bias):
     with jax.enable_x64(True):

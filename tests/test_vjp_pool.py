@@ -48,7 +48,7 @@ POOLS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(POOLS))
+@pytest.mark.parametrize("kind", ["max", "avg_incl", "avg_excl", "l2", "lp3"])
 @pytest.mark.parametrize("window,stride,padding", GRID, ids=IDS)
 def test_pool_rule_matches_autodiff_and_differences(kind, window, stride, padding):
     op, extra = POOLS[kind]
@@ -60,7 +60,7 @@ def test_pool_rule_matches_autodiff_and_differences(kind, window, stride, paddin
     _assert_rule(report)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     h=st.integers(2, 8), w=st.integers(2, 8), ph=st.integers(1, 3), pw=st.integers(1, 3),
     sh=st.integers(1, 3), sw=st.integers(1, 3), pad=st.sampled_from(["VALID", "SAME", 1]),
