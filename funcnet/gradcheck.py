@@ -377,6 +377,7 @@ class RuleReport(NamedTuple):
     vs_autodiff: dict[str, float]  # bwd vs jax.vjp of the op
     vs_custom_vjp: dict[str, float]  # jax.vjp of vjp.manual(op) vs bwd (same numbers)
     vs_finite_diff: dict[str, float]  # bwd vs central differences of <op(args), g>
+    autodiff_vs_finite_diff: dict[str, float]  # jax.vjp vs the same differences
 
 
 def check_rule(
@@ -446,7 +447,7 @@ def check_rule(
             default=0.0,
         )
 
-    vs_auto, vs_custom, vs_fd = {}, {}, {}
+    vs_auto, vs_custom, vs_fd, auto_fd = {}, {}, {}, {}
     diff_idx = [i for i, _ in enumerate(names) if floating(args[i])]
     for i in diff_idx:
         vs_auto[names[i]] = tree_error(mine[i], ref[i])
@@ -462,4 +463,5 @@ def check_rule(
         fd = numerical_grad(inner, tuple(args[i] for i in diff_idx), h=h)
         for i, d in zip(diff_idx, fd, strict=True):
             vs_fd[names[i]] = tree_error(mine[i], d)
-    return RuleReport(forward, vs_auto, vs_custom, vs_fd)
+            auto_fd[names[i]] = tree_error(ref[i], d)
+    return RuleReport(forward, vs_auto, vs_custom, vs_fd, auto_fd)
