@@ -95,6 +95,10 @@ def nets():
     return out
 
 
+def _zero_where(a, m):
+    return jnp.where(m, 0, a)
+
+
 def _timed(f, *a):
     t = time.perf_counter()
     out = jax.block_until_ready(f(*a))
@@ -125,7 +129,7 @@ def main() -> int:
                     failures.append((name, dtype_name))
             print(f"\n== networks, {dtype_name}, batch 2\n{header}")
             for name, net, shape in nets():
-                params = jax.tree_util.tree_map(lambda a: a.astype(dtype),
+                params = jax.tree_util.tree_map(lambda a, dtype=dtype: a.astype(dtype),
                                                 net.init(jax.random.key(0), shape))
                 x = jax.random.normal(jax.random.key(1), (2, *shape), dtype)
                 y = jnp.array([3, 7])
@@ -149,7 +153,7 @@ def main() -> int:
                 n_skip = int(sum(int(np.sum(m)) for m in jax.tree_util.tree_leaves(skip)))
 
                 def masked(tree, skip=skip):
-                    return jax.tree_util.tree_map(lambda a, m: jnp.where(m, 0, a), tree, skip)
+                    return jax.tree_util.tree_map(_zero_where, tree, skip)
 
                 ma = _tree_err(g_man, g_auto)
                 mf = _tree_err(masked(g_man), masked(fd.central))
