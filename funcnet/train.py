@@ -42,6 +42,7 @@ import optax
 from funcnet import checkpoint as _ckpt
 from funcnet import data as _data
 from funcnet import losses as _losses
+from funcnet import vjp as _vjp
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
 ValueAndGrad = Callable[[Any, Loss], Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]]
@@ -94,8 +95,12 @@ def autodiff_value_and_grad(net: Any, loss_fn: Loss):
     return f
 
 
-# name -> value_and_grad(net, loss_fn); the hand-written rules register "manual" here.
-GRAD_MODES: dict[str, ValueAndGrad] = {"autodiff": autodiff_value_and_grad}
+# name -> value_and_grad(net, loss_fn). "manual" back-propagates with the hand-written
+# rules of funcnet.vjp (layer by layer, the loss and the regularizer included).
+GRAD_MODES: dict[str, ValueAndGrad] = {
+    "autodiff": autodiff_value_and_grad,
+    "manual": _vjp.value_and_grad,
+}
 
 
 def resolve_grad(grad: str | ValueAndGrad) -> ValueAndGrad:
@@ -200,9 +205,17 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad):
     lam = _check_lam(regularizer, lam)
     factory = resolve_grad(grad)
     builtin = factory is autodiff_value_and_grad
+    manual = factory is _vjp.value_and_grad
     wloss = weighted_loss(loss_fn)
-    if not builtin:  # plug-in modes only return (loss, grads)
+    if manual:  # the hand rules also hand back the forward pass's outputs
+        vg_plain = factory(net, loss_fn, return_outputs=True)
+        vg_weighted = factory(net, wloss, return_outputs=True)
+    elif not builtin:  # other plug-in modes only return (loss, grads)
         vg_plain, vg_weighted = factory(net, loss_fn), factory(net, wloss)
+    if manual and regularizer in _vjp.regularizers.GRADS:
+        reg_value_and_grad = _vjp.regularizer_value_and_grad(regularizer)
+    elif regularizer is not None:
+        reg_value_and_grad = jax.value_and_grad(regularizer)
 
     def value_and_grad(params, x, y, w):
         if builtin:  # one forward pass gives the loss, the gradient and the accuracy
@@ -211,6 +224,10 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad):
                 return (loss_fn(out, y) if w is None else wloss(out, (y, w))), out
 
             (loss, out), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        elif manual:
+            loss, grads, out = vg_plain(params, x, y) if w is None else vg_weighted(
+                params, x, (y, w)
+            )
         else:
             loss, grads = vg_plain(params, x, y) if w is None else vg_weighted(params, x, (y, w))
             out = net.apply(params, x)
@@ -220,7 +237,7 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad):
         loss, grads, out = value_and_grad(state.params, x, y, w)
         objective = loss
         if regularizer is not None and lam != 0.0:
-            omega, omega_grads = jax.value_and_grad(regularizer)(state.params)
+            omega, omega_grads = reg_value_and_grad(state.params)
             grads = jax.tree_util.tree_map(lambda g, r: g + lam * r, grads, omega_grads)
             objective = loss + lam * omega
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -267,7 +284,9 @@ def make_step(
       optimizer: an optax ``GradientTransformation``.
       regularizer: ``Omega(params) -> scalar`` (e.g. :func:`funcnet.regularizers.l2`).
       lam: its weight ``lambda >= 0``.
-      grad: ``"autodiff"`` or a registered mode of :data:`GRAD_MODES`, or a callable
+      grad: ``"autodiff"`` (``jax.value_and_grad``), ``"manual"`` (the hand-written rules
+        of :mod:`funcnet.vjp`: explicit back-propagation layer by layer, loss and
+        regularizer included), or a callable
         ``value_and_grad(net, loss) -> f(params, x, y) -> (loss, grads)``.
       donate: donate the incoming state's buffers to the result.
 

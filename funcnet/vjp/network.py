@@ -42,19 +42,7 @@ class LayerRule(NamedTuple):
     bwd: Callable[[Any, Any, jax.Array, bool], tuple[jax.Array | None, Any]]
 
 
-def _param_grads(params: dict, dw, db) -> dict:
-    grads = {"w": dw}
-    if "b" in params:
-        grads["b"] = db
-    return grads
-
-
 # -- parametrised layers ------------------------------------------------------------------
-
-
-class _WithParams(NamedTuple):
-    op_res: Any
-    has_bias: bool
 
 
 def _dense_fwd(layer, params, x):
@@ -248,12 +236,30 @@ def _backward(net: Serial, residuals: tuple, delta: jax.Array, need_dx: bool):
 
 
 def _loss_value_and_delta(loss_fn: Callable, out: jax.Array, y: Any):
-    """Step 2: the loss and ``delta = dl/d(output)`` from the loss rule (or ``jax.vjp``)."""
+    """Step 2: the loss and ``delta = dl/d(output)`` from the loss rule (or ``jax.vjp``).
+
+    A per-example weighted loss ``loss_fn(out, (y, w)) = sum_i w_i l_i / sum_i w_i`` (as
+    :func:`funcnet.train.weighted_loss` builds, marking it with ``base_loss``) is
+    back-propagated by hand too: each example's ``l_i`` and ``dl_i/d out_i`` come from the
+    base loss's rule on a batch of one, and ``delta_i = w_i / sum(w) * dl_i/d out_i``.
+    """
     rule = RULES.get(loss_fn)
     if rule is not None:
         loss, res = rule.fwd(out, y)
         delta = rule.bwd(res, jnp.ones((), loss.dtype))[0]
         return loss, delta
+    base_rule = RULES.get(getattr(loss_fn, "base_loss", None))
+    if base_rule is not None:
+        y, w = y
+
+        def one(o, t):
+            loss_i, res = base_rule.fwd(o[None], t[None])
+            return loss_i, base_rule.bwd(res, jnp.ones((), loss_i.dtype))[0][0]
+
+        per_loss, per_delta = jax.vmap(one)(out, y)
+        scale = (w / jnp.sum(w)).astype(per_loss.dtype)
+        delta = per_delta * scale.reshape(-1, *([1] * (out.ndim - 1)))
+        return jnp.sum(scale * per_loss), delta
     loss, vjp_fn = jax.vjp(lambda o: loss_fn(o, y), out)
     return loss, vjp_fn(jnp.ones_like(loss))[0]
 
@@ -263,6 +269,7 @@ def value_and_grad(
     loss_fn: Callable[[jax.Array, Any], jax.Array],
     regularizer: Callable | None = None,
     lam: float = 0.0,
+    return_outputs: bool = False,
 ) -> Callable:
     """``f(params, x, y) -> (loss, grads)`` by explicit back-propagation with the hand rules.
 
@@ -271,7 +278,9 @@ def value_and_grad(
     is the batch-mean loss (e.g. :func:`funcnet.losses.softmax_cross_entropy`). With a
     ``regularizer`` (``funcnet.regularizers.l2`` / ``l1``) the objective is
     ``loss + lam * Omega(params)`` and ``lam * grad Omega`` is added to the gradients.
-    Pure and ``jit``-compatible (``net`` and ``loss_fn`` are closed over).
+    Pure and ``jit``-compatible (``net`` and ``loss_fn`` are closed over). With
+    ``return_outputs=True``, ``f`` returns ``(loss, grads, outputs)``: the network's output
+    from the same feed-forward pass (the train step uses it for accuracy).
     """
     if isinstance(net, L.Layer) and not isinstance(net, Serial):
         net = Serial([net])
@@ -292,7 +301,7 @@ def value_and_grad(
             loss = loss + lam * regularizer(params)
             reg = vreg.GRADS[regularizer](params)
             grads = jax.tree_util.tree_map(lambda d, r: d + lam * r, grads, reg)
-        return loss, grads
+        return (loss, grads, out) if return_outputs else (loss, grads)
 
     return f
 
