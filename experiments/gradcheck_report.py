@@ -158,7 +158,13 @@ def main() -> int:
                 ma = _tree_err(g_man, g_auto)
                 mf = _tree_err(masked(g_man), masked(fd.central))
                 af = _tree_err(masked(g_auto), masked(fd.central))
-                ok = ma <= tol_auto and mf <= tol_fd and af <= tol_fd
+                # float32 network differences (h = 1e-3, ~60K parameters, ReLU kinks) are
+                # dominated by rounding (eps |f| / h ~ 2e-4 absolute against gradient
+                # entries as small as 1e-4) and kink crossings: reported, gated in float64.
+                gate_fd = dtype_name == "float64"
+                ok = ma <= tol_auto and (not gate_fd or (mf <= tol_fd and af <= tol_fd))
+                if not gate_fd:
+                    note += "FD informational; "
                 n = sum(a.size for a in jax.tree_util.tree_leaves(params))
                 note += f"{n} params, {n_skip} at kinks skipped"
                 print(f"{name:28s} {dtype_name:7s} {ma:9.1e} {mf:9.1e} {af:9.1e} "
