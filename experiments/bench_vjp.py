@@ -154,7 +154,7 @@ def bench_numerical_grad(sample: int) -> None:
     loop_total = per_param * n
     print(f"\nnumerical_grad, LeNet-5, {n} params, float64, batch 2, central differences")
     print(f"  numerical_grad (incl. compile)  {first:7.2f} s")
-    print(f"  numerical_grad (compiled)       {second:7.2f} s")
+    print(f"  numerical_grad (second call)    {second:7.2f} s")
     print(f"  per-parameter loop (extrapolated from {sample} params) {loop_total:7.1f} s "
           f"-> speed-up {loop_total / first:.1f}x incl. compile, {loop_total / second:.1f}x")
     print(f"  max |difference| vs the loop on the sample: {err:.1e}")
