@@ -21,28 +21,9 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 import funcnet as fn
 from funcnet import gradcheck, losses, vjp
-from funcnet.ops import pool as _pool
-
-
-def _autodiff_workaround() -> bool:
-    """At funcnet 0.1.0, ``ops.pool`` gives ``lax.reduce_window`` a traced init value under
-    jit, so ``jax.grad`` of a max-pool network fails to compile. Patch it to a constant
-    init (same arithmetic) so that the autodiff baseline can run; report it."""
-    x = jnp.ones((1, 4, 4, 1))
-    try:
-        jax.jit(jax.grad(lambda x: _pool.max_pool(x, 2).sum()))(x)
-        return False
-    except ValueError:
-        def _reduce(x, init, op, window, stride, pads):
-            return lax.reduce_window(x, np.asarray(init, x.dtype), op, (1, *window, 1),
-                                     (1, *stride, 1), ((0, 0), *pads, (0, 0)))
-
-        _pool._reduce = _reduce
-        return True
 
 
 def median_ms(fn_, repeats):
@@ -166,8 +147,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--sample", type=int, default=1000)
     args = parser.parse_args()
-    if _autodiff_workaround():
-        print("note: patched funcnet.ops.pool._reduce (traced init breaks jax.grad under jit)")
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
     bench_step(args.repeats)

@@ -70,10 +70,7 @@ def _dependency_masks(net, in_shape, params, x, poison=False):
         hits = jax.jit(jax.vmap(poisoned))(eye)  # (H*W, H_out, W_out)
         return np.moveaxis(np.asarray(hits).reshape(h, w, *hits.shape[1:]), (0, 1), (2, 3))
     jac_fn = jax.jacrev(lambda z: net.apply(params, z[None])[0, ..., 0])
-    try:
-        jac = jax.jit(jac_fn)(x)
-    except ValueError:  # jax 0.10: pool gradients under jit need a concrete init value
-        jac = jac_fn(x)
+    jac = jax.jit(jac_fn)(x)
     return np.asarray(jac[..., 0] != 0)  # (H_out, W_out, H, W)
 
 
