@@ -95,7 +95,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--epoch-mode", choices=train.EPOCH_MODES, default="auto")
     parser.add_argument("--out", default=os.path.join("runs", "digits"))
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--compilation-cache", metavar="DIR", default=None,
+                        help="persistent XLA compilation cache: a second run skips compiling")
     args = parser.parse_args(argv)
+    if args.compilation_cache:
+        fn.enable_compilation_cache(args.compilation_cache)
     cfg = dict(DEFAULTS[args.model])
     for key in cfg:
         if getattr(args, key) is not None:
