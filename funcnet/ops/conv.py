@@ -52,15 +52,7 @@ def conv2d(
       ``(N, H_out, W_out, C_out)`` with
       ``H_out = floor((H + pad_lo + pad_hi - ((KH - 1) d + 1)) / s) + 1`` (same for W).
     """
-    where = "conv2d"
-    _checks.check_rank(x.shape, 4, "input x", where, "N, H, W, C")
-    _checks.check_rank(w.shape, 4, "kernel w", where, "KH, KW, C_in, C_out")
-    if x.shape[3] != w.shape[2]:
-        raise ValueError(
-            f"{where}: input x has {x.shape[3]} channels (shape {x.shape}) but kernel w "
-            f"expects {w.shape[2]} (w shape {w.shape}, HWIO)"
-        )
-    stride, dilation, pads = _conv_geometry(x.shape, w.shape[:2], stride, padding, dilation, where)
+    stride, dilation, pads = check_conv2d(x, w, b, stride, padding, dilation)
     y = lax.conv_general_dilated(
         x,
         w,
@@ -69,11 +61,22 @@ def conv2d(
         rhs_dilation=dilation,
         dimension_numbers=DIMENSION_NUMBERS,
     )
-    if b is not None:
-        if b.shape != (w.shape[3],):
-            raise ValueError(f"{where}: expected bias b of shape ({w.shape[3]},), got {b.shape}")
-        y = y + b
-    return y
+    return y if b is None else y + b
+
+
+def check_conv2d(x, w, b, stride, padding, dilation):
+    """Validate :func:`conv2d`'s arguments; ``(stride, dilation, pads)`` normalised."""
+    where = "conv2d"
+    _checks.check_rank(x.shape, 4, "input x", where, "N, H, W, C")
+    _checks.check_rank(w.shape, 4, "kernel w", where, "KH, KW, C_in, C_out")
+    if x.shape[3] != w.shape[2]:
+        raise ValueError(
+            f"{where}: input x has {x.shape[3]} channels (shape {x.shape}) but kernel w "
+            f"expects {w.shape[2]} (w shape {w.shape}, HWIO)"
+        )
+    if b is not None and b.shape != (w.shape[3],):
+        raise ValueError(f"{where}: expected bias b of shape ({w.shape[3]},), got {b.shape}")
+    return _conv_geometry(x.shape, w.shape[:2], stride, padding, dilation, where)
 
 
 def extract_patches(
@@ -125,6 +128,13 @@ def locally_connected2d(
     Returns:
       ``(N, H_out, W_out, C_out)``.
     """
+    stride, dilation, pads = check_locally_connected2d(x, w, b, stride, padding, dilation)
+    p = extract_patches(x, w.shape[2:4], stride, pads, dilation)
+    return locally_connected_from_patches(p, w, b)
+
+
+def check_locally_connected2d(x, w, b, stride, padding, dilation):
+    """Validate :func:`locally_connected2d`'s arguments; ``(stride, dilation, pads)``."""
     where = "locally_connected2d"
     _checks.check_rank(x.shape, 4, "input x", where, "N, H, W, C")
     _checks.check_rank(w.shape, 6, "kernel w", where, "H_out, W_out, KH, KW, C_in, C_out")
@@ -141,12 +151,14 @@ def locally_connected2d(
             f"{where}: this input, window, stride and padding give {out_hw} output "
             f"positions but w has kernels for {tuple(w.shape[:2])}"
         )
-    p = extract_patches(x, window, stride, pads, dilation)
+    if b is not None and b.shape != (*out_hw, w.shape[5]):
+        raise ValueError(
+            f"{where}: expected bias b of shape {(*out_hw, w.shape[5])}, got {b.shape}"
+        )
+    return stride, dilation, pads
+
+
+def locally_connected_from_patches(p: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    """``y[n,i,j,o] = sum_{k,l,c} p[n,i,j,k,l,c] w[i,j,k,l,c,o] + b[i,j,o]``."""
     y = jnp.einsum("nijklc,ijklco->nijo", p, w)
-    if b is not None:
-        if b.shape != (*out_hw, w.shape[5]):
-            raise ValueError(
-                f"{where}: expected bias b of shape {(*out_hw, w.shape[5])}, got {b.shape}"
-            )
-        y = y + b
-    return y
+    return y if b is None else y + b

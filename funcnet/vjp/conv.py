@@ -76,16 +76,13 @@ def conv2d_fwd(
     dilation: Any = 1,
 ):
     """``(conv2d(x, w, b, ...), residuals)``; validates as :func:`funcnet.ops.conv2d`."""
-    if x.ndim == 4 and w.ndim == 4 and x.shape[3] == 1 and w.shape[2] == 1:
-        geom = conv_geometry(x.shape, w.shape[:2], stride, padding, dilation, "conv2d")
+    stride, dilation, pads = _conv.check_conv2d(x, w, b, stride, padding, dilation)
+    geom = make_geometry(x.shape[1:3], w.shape[:2], stride, dilation, pads)
+    if x.shape[3] == 1:  # one input channel: shifted multiply-adds beat lax here
         y = _shifted_mac(x, w, geom)
-        if b is not None:
-            if b.shape != (w.shape[3],):
-                raise ValueError(f"conv2d: expected bias b of shape ({w.shape[3]},), got {b.shape}")
-            y = y + b
-        return y, Conv2dResiduals(x, w, b, geom)
-    y = ops.conv2d(x, w, b, stride, padding, dilation)
-    geom = conv_geometry(x.shape, w.shape[:2], stride, padding, dilation, "conv2d")
+        y = y if b is None else y + b
+    else:
+        y = ops.conv2d(x, w, b, stride, pads, dilation)
     return y, Conv2dResiduals(x, w, b, geom)
 
 
@@ -215,10 +212,10 @@ def locally_connected2d_fwd(
     dilation: Any = 1,
 ):
     """``(locally_connected2d(x, w, b, ...), residuals)``."""
-    y = ops.locally_connected2d(x, w, b, stride, padding, dilation)
-    geom = conv_geometry(x.shape, w.shape[2:4], stride, padding, dilation, "locally_connected2d")
-    p = ops.extract_patches(x, geom.window, geom.stride, geom.pads, geom.dilation)
-    return y, LocallyConnectedResiduals(p, w, b, geom)
+    stride, dilation, pads = _conv.check_locally_connected2d(x, w, b, stride, padding, dilation)
+    geom = make_geometry(x.shape[1:3], w.shape[2:4], stride, dilation, pads)
+    p = ops.extract_patches(x, geom.window, stride, pads, dilation)  # once: output and residual
+    return _conv.locally_connected_from_patches(p, w, b), LocallyConnectedResiduals(p, w, b, geom)
 
 
 def locally_connected2d_bwd(res: LocallyConnectedResiduals, g: jax.Array):

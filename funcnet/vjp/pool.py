@@ -125,15 +125,15 @@ class SumPoolResiduals(NamedTuple):
     meta: AvgMeta  # static: no arrays are needed, only the geometry
 
 
-def _sum_fwd(x, window, stride, padding, where, divisor):
+def _sum_residuals(x, window, stride, padding, where, divisor) -> SumPoolResiduals:
     geom = pool_geometry(x.shape, window, stride, padding, where)
-    return geom, SumPoolResiduals(AvgMeta(geom, divisor))
+    return SumPoolResiduals(AvgMeta(geom, divisor))
 
 
 def sum_pool_fwd(x: jax.Array, window: Any, stride: Any = None, padding: Any = "VALID"):
     """``(sum_pool(x, ...), residuals)``."""
     y = ops.sum_pool(x, window, stride, padding)
-    return y, _sum_fwd(x, window, stride, padding, "sum_pool", "one")[1]
+    return y, _sum_residuals(x, window, stride, padding, "sum_pool", "one")
 
 
 def avg_pool_fwd(
@@ -146,7 +146,7 @@ def avg_pool_fwd(
     """``(avg_pool(x, ...), residuals)``."""
     y = ops.avg_pool(x, window, stride, padding, count_include_pad)
     divisor = "window" if count_include_pad else "count"
-    return y, _sum_fwd(x, window, stride, padding, "avg_pool", divisor)[1]
+    return y, _sum_residuals(x, window, stride, padding, "avg_pool", divisor)
 
 
 def sum_pool_bwd(res: SumPoolResiduals, g: jax.Array):
