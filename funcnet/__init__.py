@@ -15,6 +15,7 @@ from funcnet import (
     graph,
     losses,
     models,
+    nn,
     ops,
     regularizers,
     train,
@@ -29,6 +30,7 @@ from funcnet.layers import (
     FeatureL2Pool,
     FeatureMaxPool,
     Flatten,
+    GlobalAvgPool,
     L2Pool,
     Layer,
     LocallyConnected,
@@ -36,11 +38,12 @@ from funcnet.layers import (
     LpPool,
     MaxPool,
     ReLU,
+    Reshape,
     Sigmoid,
     Softmax,
     Tanh,
 )
-from funcnet.nets import Serial
+from funcnet.nets import Parallel, Residual, Serial
 from funcnet.summary import Summary, param_count, summary
 
 __version__ = "0.1.0"
@@ -53,13 +56,17 @@ __all__ = [
     "FeatureL2Pool",
     "FeatureMaxPool",
     "Flatten",
+    "GlobalAvgPool",
     "L2Pool",
     "Layer",
     "LocallyConnected",
     "LogSoftmax",
     "LpPool",
     "MaxPool",
+    "Parallel",
     "ReLU",
+    "Reshape",
+    "Residual",
     "Serial",
     "Sigmoid",
     "Softmax",
@@ -74,6 +81,7 @@ __all__ = [
     "graph",
     "losses",
     "models",
+    "nn",
     "ops",
     "param_count",
     "regularizers",

@@ -84,8 +84,10 @@ def save(
     dtype: Any = jnp.float32,
     platforms: Sequence[str] | None = None,
     metadata: dict[str, Any] | None = None,
+    state: Any = None,
 ) -> Path:
-    """Export ``x -> net.apply(params, x)`` to ``path`` (written atomically).
+    """Export the evaluation-mode forward pass ``x -> net.apply_with_state(params, state,
+    x)[0]`` to ``path`` (written atomically), params and state folded in as constants.
 
     Args:
       path: destination file (conventionally ``*.fnx``); parent directories are created.
@@ -98,6 +100,8 @@ def save(
       platforms: platforms to lower for (e.g. ``("cpu", "cuda")``); default: jax's
         default backend here.
       metadata: extra JSON-serializable information stored in the header.
+      state: the network's state (BatchNorm's running statistics, e.g.
+        ``fit(...).model_state``); default ``net.init_state(input_shape)``.
 
     Returns:
       The path written.
@@ -115,22 +119,26 @@ def save(
         b = batch
     else:
         raise ValueError(f"export.save: batch must be 'dynamic' or a positive int, got {batch!r}")
-    # Check the params against the network before tracing, with the network's own errors.
-    expected = net.param_shapes(shape)
-    got = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype), params)
-    if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(expected) or any(
-        g.shape != e.shape
-        for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected),
-                        strict=True)
-    ):
-        raise ValueError(
-            f"export.save: params do not match {type(net).__name__} for input shape {shape}: "
-            f"expected {expected}, got {got}"
-        )
+    # Check params and state against the network before tracing.
+    if state is None:
+        state = net.init_state(shape)
+    for what, tree, expected in (("params", params, net.param_shapes(shape)),
+                                 ("state", state, net.state_shapes(shape))):
+        got = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype), tree)
+        if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(expected) or any(
+            g.shape != e.shape
+            for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected),
+                            strict=True)
+        ):
+            raise ValueError(
+                f"export.save: {what} do not match {type(net).__name__} for input shape "
+                f"{shape}: expected {expected}, got {got}"
+            )
     params = jax.tree_util.tree_map(jnp.asarray, params)
+    state = jax.tree_util.tree_map(jnp.asarray, state)
 
     def forward(x):
-        return net.apply(params, x)
+        return net.apply_with_state(params, state, x)[0]
 
     spec = jax.ShapeDtypeStruct((b, *shape), dtype)
     kwargs = {} if platforms is None else {"platforms": tuple(platforms)}

@@ -71,10 +71,12 @@ def abstract(tree: Any) -> Any:
 def forward(
     net: Layer, input_shape: Shape, batch: int = 1, dtype: Any = jnp.float32
 ) -> tuple[Callable, tuple]:
-    """The forward pass of ``net`` as ``(fn, args)``: ``fn(*args) == net.apply(params, x)``.
+    """The evaluation-mode forward pass of ``net`` as ``(fn, args)``.
 
-    ``args`` are placeholders: ``params`` as :meth:`~funcnet.layers.Layer.param_shapes`
-    predicts them and ``x`` of shape ``(batch, *input_shape)``; nothing is allocated.
+    ``fn(params, x) == net.apply(params, x)`` for a network without state, and
+    ``fn(params, state, x) == net.apply_with_state(params, state, x)[0]`` for one with
+    state (BatchNorm). ``args`` are placeholders as ``param_shapes`` / ``state_shapes``
+    predict them and ``x`` of shape ``(batch, *input_shape)``; nothing is allocated.
     """
     if not isinstance(net, Layer):
         raise TypeError(f"graph.forward: net must be a funcnet layer or Serial, got {net!r}")
@@ -82,6 +84,12 @@ def forward(
     batch = _checks.positive_int(batch, "batch", "graph.forward")
     params = net.param_shapes(shape)
     x = jax.ShapeDtypeStruct((batch, *shape), dtype)
+    if net.has_state(shape):
+
+        def apply_with_state(params, state, x):
+            return net.apply_with_state(params, state, x)[0]
+
+        return apply_with_state, (params, net.state_shapes(shape), x)
 
     def apply(params, x):
         return net.apply(params, x)

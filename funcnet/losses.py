@@ -1,122 +1,17 @@
-"""Losses (forward only), each the mean over the batch of a per-example loss.
+"""Losses, re-exported from :mod:`funcnet.nn.losses` (their rules: ``fn.vjp.losses``)."""
 
-The per-example loss sums over every non-batch axis, so a single-output network gets
-exactly the lecture's ``J`` per example. Axis 0 is the batch.
+from funcnet.nn.losses import (
+    LOG_CLAMP,
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    quadratic,
+    softmax_cross_entropy,
+)
 
-==================  ==========================================  ===================
-loss                per example                                 lecture
-==================  ==========================================  ===================
-quadratic           ``1/2 sum (y - y*)^2``                      ``J = 1/2 (y-y*)^2``
-binary CE           ``-sum [y* log y + (1-y*) log(1-y)]``       sign dropped there
-softmax CE          ``-sum_k y*_k log softmax(z)_k``            NLL of the softmax
-==================  ==========================================  ===================
-"""
-
-from __future__ import annotations
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
-from funcnet import _checks
-
-# PyTorch's BCELoss clamps log(p) at -100 so that p exactly 0 or 1 gives a finite loss.
-LOG_CLAMP = -100.0
-
-
-def _batch_mean(per_element: jax.Array) -> jax.Array:
-    if per_element.ndim == 0:
-        return per_element
-    return jnp.mean(jnp.sum(per_element.reshape(per_element.shape[0], -1), axis=1))
-
-
-def _same_shape(a, b, names: tuple[str, str], where: str) -> None:
-    if jnp.shape(a) != jnp.shape(b):
-        raise ValueError(
-            f"{where}: {names[0]} and {names[1]} must have the same shape, got "
-            f"{jnp.shape(a)} and {jnp.shape(b)}"
-        )
-
-
-def quadratic(y: jax.Array, target: jax.Array) -> jax.Array:
-    """Quadratic loss ``J = 1/2 (y - y*)^2``, summed per example, mean over the batch.
-
-    Its derivative is ``dJ/dy = y - y*`` (per example). ``y`` and ``target``: same shape
-    ``(N, ...)``.
-    """
-    _same_shape(y, target, ("y", "target"), "quadratic")
-    d = y - target
-    return _batch_mean(0.5 * d * d)
-
-
-def binary_cross_entropy(p: jax.Array, target: jax.Array) -> jax.Array:
-    """Cross-entropy of probabilities: ``J = -[y* log y + (1 - y*) log(1 - y)]``.
-
-    The lecture's table writes this without the leading minus sign; that is the
-    log-likelihood, which training would *maximise*. This is the correct loss (its
-    negative), so ``dJ/dy = -y*/y + (1 - y*)/(1 - y)``.
-
-    ``p`` in ``[0, 1]`` and ``target`` in ``[0, 1]``, same shape ``(N, ...)``. Each log is
-    clamped at ``-100`` (as PyTorch's ``BCELoss``), so probabilities of exactly 0 or 1
-    give a finite loss. Prefer :func:`binary_cross_entropy_with_logits` on logits.
-    """
-    _same_shape(p, target, ("p", "target"), "binary_cross_entropy")
-    log_p = jnp.maximum(jnp.log(p), LOG_CLAMP)
-    log_1mp = jnp.maximum(jnp.log1p(-p), LOG_CLAMP)
-    return _batch_mean(-(target * log_p + (1.0 - target) * log_1mp))
-
-
-def binary_cross_entropy_with_logits(logits: jax.Array, target: jax.Array) -> jax.Array:
-    """:func:`binary_cross_entropy` of ``sigmoid(logits)``, computed stably.
-
-    ``max(z, 0) - z y* + log(1 + exp(-|z|))``: finite for logits of any magnitude.
-    """
-    _same_shape(logits, target, ("logits", "target"), "binary_cross_entropy_with_logits")
-    return _batch_mean(optax.sigmoid_binary_cross_entropy(logits, target))
-
-
-def _check_integer_labels(labels, num_classes: int, where: str) -> None:
-    if isinstance(labels, jax.core.Tracer):
-        return  # values unknown under tracing; train.fit validates labels up front
-    arr = np.asarray(labels)
-    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-        raise ValueError(
-            f"{where}: integer labels must lie in [0, {num_classes}), got values in "
-            f"[{arr.min()}, {arr.max()}]"
-        )
-
-
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Cross-entropy of ``softmax(logits)`` against labels: ``-sum_k y*_k log y_k``.
-
-    Args:
-      logits: ``(N, K)`` unnormalised scores (finite for magnitudes of 1e4 and more: it
-        works through ``log_softmax``).
-      labels: ``(N,)`` integer class indices in ``[0, K)``, or ``(N, K)`` one-hot /
-        probability targets (floating).
-
-    Returns:
-      The mean over the batch. Its gradient w.r.t. the logits is
-      ``(softmax(z) - onehot) / N``.
-    """
-    where = "softmax_cross_entropy"
-    _checks.check_rank(jnp.shape(logits), 2, "logits", where, "N, K")
-    labels_dtype = jnp.result_type(labels)
-    if jnp.issubdtype(labels_dtype, jnp.integer):
-        if jnp.shape(labels) != jnp.shape(logits)[:1]:
-            raise ValueError(
-                f"{where}: integer labels must have shape (N,) = {jnp.shape(logits)[:1]} "
-                f"for logits of shape {jnp.shape(logits)}, got {jnp.shape(labels)}"
-            )
-        _check_integer_labels(labels, jnp.shape(logits)[1], where)
-        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    elif jnp.issubdtype(labels_dtype, jnp.floating):
-        _same_shape(logits, labels, ("logits", "one-hot labels"), where)
-        per_example = optax.softmax_cross_entropy(logits, labels)
-    else:
-        raise TypeError(
-            f"{where}: labels must be integer class indices or floating one-hot targets, "
-            f"got dtype {labels_dtype}"
-        )
-    return jnp.mean(per_example)
+__all__ = [
+    "LOG_CLAMP",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "quadratic",
+    "softmax_cross_entropy",
+]

@@ -31,7 +31,6 @@ import operator
 import os
 import time
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 import jax
@@ -43,6 +42,7 @@ from funcnet import checkpoint as _ckpt
 from funcnet import data as _data
 from funcnet import losses as _losses
 from funcnet import vjp as _vjp
+from funcnet.nn.base import Layer, iter_layers
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
 ValueAndGrad = Callable[[Any, Loss], Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]]
@@ -51,11 +51,14 @@ EPOCH_MODES = ("auto", "loop", "scan")
 
 
 class TrainState(NamedTuple):
-    """What a train step carries: ``params``, optax ``opt_state``, ``step`` (int32 scalar)."""
+    """What a train step carries: ``params``, optax ``opt_state``, ``step`` (int32 scalar)
+    and the network's ``model_state`` (BatchNorm's running statistics; ``{}``-like and
+    empty for a network without state)."""
 
     params: Any
     opt_state: Any
     step: jax.Array
+    model_state: Any = ()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,6 +83,11 @@ class FitResult(NamedTuple):
     history: dict[str, list]
     stop_reason: str  # "epochs", "loss_threshold" or "patience"
 
+    @property
+    def model_state(self) -> Any:
+        """The network's state after training (pass it to ``evaluate`` / ``predict``)."""
+        return self.state.model_state
+
 
 # ---------------------------------------------------------------------------------------
 # Gradients
@@ -91,6 +99,21 @@ def autodiff_value_and_grad(net: Any, loss_fn: Loss):
 
     def f(params, x, y):
         return jax.value_and_grad(lambda p: loss_fn(net.apply(p, x), y))(params)
+
+    return f
+
+
+def autodiff_value_and_grad_with_state(net: Any, loss_fn: Loss):
+    """``f(params, state, x, y, key=None, train=True) -> (loss, grads, new_state, outputs)``
+    by autodiff: the twin of :func:`funcnet.vjp.value_and_grad_with_state`."""
+
+    def f(params, state, x, y, key=None, train=True):
+        def objective(p):
+            out, new_state = net.apply_with_state(p, state, x, key=key, train=train)
+            return loss_fn(out, y), (new_state, out)
+
+        (loss, (new_state, out)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return loss, grads, new_state, out
 
     return f
 
@@ -166,14 +189,29 @@ def _check_optimizer(optimizer: Any) -> None:
         )
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-    """A :class:`TrainState` at step 0 for ``params`` and ``optimizer``.
+def init_state(
+    params: Any, optimizer: optax.GradientTransformation, model_state: Any = ()
+) -> TrainState:
+    """A :class:`TrainState` at step 0 for ``params``, ``optimizer`` and the network's
+    ``model_state`` (``net.init_state(input_shape)``; leave it out for a network
+    without state).
 
-    Params are copied, so donating the state to a step never deletes the caller's arrays.
+    Arrays are copied, so donating the state to a step never deletes the caller's arrays.
     """
     _check_optimizer(optimizer)
     params = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), params)
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    model_state = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), model_state)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), model_state)
+
+
+def step_keys(seed: Any) -> jax.Array:
+    """The root of the per-step keys of a run with ``seed``: step ``t`` draws its Dropout
+    masks from ``fold_in(step_keys(seed), t)`` (a function of the step count, so a resumed
+    run draws the same keys). Independent of the shuffling keys ``fold_in(key(seed), epoch)``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    return jax.random.fold_in(jax.random.key(int(seed)), 2**31 - 1)
 
 
 def _check_lam(regularizer: Any, lam: Any) -> float:
@@ -191,7 +229,7 @@ def _check_lam(regularizer: Any, lam: Any) -> float:
     return float(lam)
 
 
-def _make_update(net, loss_fn, optimizer, regularizer, lam, grad):
+def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0):
     """The un-jitted step body shared by :func:`make_step`, the loop and the scanned epoch.
 
     ``update(state, x, y, w, active) -> (state, metrics, active)``. ``w=None`` uses
@@ -204,37 +242,35 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad):
     _check_optimizer(optimizer)
     lam = _check_lam(regularizer, lam)
     factory = resolve_grad(grad)
-    builtin = factory is autodiff_value_and_grad
     manual = factory is _vjp.value_and_grad
     wloss = weighted_loss(loss_fn)
-    if manual:  # the hand rules also hand back the forward pass's outputs
-        vg_plain = factory(net, loss_fn, return_outputs=True)
-        vg_weighted = factory(net, wloss, return_outputs=True)
-    elif not builtin:  # other plug-in modes only return (loss, grads)
+    if factory is autodiff_value_and_grad or manual:
+        # one forward pass (training mode, state and key threaded) gives the loss, the
+        # gradient, the new state and the outputs for the accuracy
+        with_state = (_vjp.value_and_grad_with_state if manual
+                      else autodiff_value_and_grad_with_state)
+        vg_plain, vg_weighted = with_state(net, loss_fn), with_state(net, wloss)
+    else:  # other plug-in modes only return (loss, grads), for nets without state
         vg_plain, vg_weighted = factory(net, loss_fn), factory(net, wloss)
     if manual and regularizer in _vjp.regularizers.GRADS:
         reg_value_and_grad = _vjp.regularizer_value_and_grad(regularizer)
     elif regularizer is not None:
         reg_value_and_grad = jax.value_and_grad(regularizer)
+    root = step_keys(seed)
 
-    def value_and_grad(params, x, y, w):
-        if builtin:  # one forward pass gives the loss, the gradient and the accuracy
-            def objective(p):
-                out = net.apply(p, x)
-                return (loss_fn(out, y) if w is None else wloss(out, (y, w))), out
-
-            (loss, out), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        elif manual:
-            loss, grads, out = vg_plain(params, x, y) if w is None else vg_weighted(
-                params, x, (y, w)
-            )
-        else:
-            loss, grads = vg_plain(params, x, y) if w is None else vg_weighted(params, x, (y, w))
-            out = net.apply(params, x)
-        return loss, grads, out
+    def value_and_grad(state, x, y, w):
+        yw = y if w is None else (y, w)
+        vg = vg_plain if w is None else vg_weighted
+        if factory is autodiff_value_and_grad or manual:
+            key = jax.random.fold_in(root, state.step)
+            return vg(state.params, state.model_state, x, yw, key, True)
+        loss, grads = vg(state.params, x, yw)
+        return loss, grads, state.model_state, net.apply(state.params, x)
 
     def update(state, x, y, w=None, active=None):
-        loss, grads, out = value_and_grad(state.params, x, y, w)
+        loss, grads, model_state, out = value_and_grad(state, x, y, w)
+        if not jax.tree_util.tree_leaves(state.model_state):
+            model_state = state.model_state  # a stateless net: keep the carry's structure
         objective = loss
         if regularizer is not None and lam != 0.0:
             omega, omega_grads = reg_value_and_grad(state.params)
@@ -242,7 +278,7 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad):
             objective = loss + lam * omega
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = TrainState(params, opt_state, state.step + 1)
+        new = TrainState(params, opt_state, state.step + 1, model_state)
         correct = _correct(out, y)
         if w is None:
             metrics = {"loss": loss, "objective": objective,
@@ -271,6 +307,7 @@ def make_step(
     lam: float = 0.0,
     grad: str | ValueAndGrad = "autodiff",
     donate: bool = True,
+    seed: int = 0,
 ) -> Callable:
     """A jit-compiled train step ``step(state, x, y, weights=None) -> (state, metrics)``.
 
@@ -289,13 +326,18 @@ def make_step(
         regularizer included), or a callable
         ``value_and_grad(net, loss) -> f(params, x, y) -> (loss, grads)``.
       donate: donate the incoming state's buffers to the result.
+      seed: the root of the per-step keys (Dropout): step ``t`` uses
+        ``fold_in(step_keys(seed), t)`` with ``t = state.step``, a fresh key every step.
+
+    The step runs the network in training mode and threads its state: the returned
+    ``state.model_state`` holds BatchNorm's updated running statistics.
 
     The returned step takes ``x`` ``(B, ...)``, ``y`` ``(B, ...)`` and optional per-example
     ``weights`` ``(B,)`` (0 marks padding) and returns ``metrics`` with scalars ``loss``
     (data loss), ``objective`` (loss + lam * Omega), ``correct`` (weighted count of
     correct argmax predictions; 0 when not a classification) and ``count`` (sum of weights).
     """
-    update = _make_update(net, loss, optimizer, regularizer, lam, grad)
+    update = _make_update(net, loss, optimizer, regularizer, lam, grad, seed)
 
     def step(state, x, y, weights=None):
         new, metrics, _ = update(state, x, y, weights)
@@ -401,11 +443,11 @@ class EpochRunner:
 
 
 def has_conv(net: Any) -> bool:
-    """Whether ``net`` (a layer or ``Serial``) contains a convolution-like layer."""
-    layers = getattr(net, "layers", None)
-    if layers is not None:
-        return any(has_conv(layer) for layer in layers)
-    return type(net).__name__ in ("Conv", "LocallyConnected")
+    """Whether ``net`` contains a convolution-like layer (one that says it is
+    ``convolutional``; subclasses of ``Conv`` included)."""
+    if not isinstance(net, Layer):
+        return False
+    return any(layer.convolutional for layer in iter_layers(net))
 
 
 def choose_epoch_mode(net: Any, mode: str = "auto") -> str:
@@ -427,14 +469,40 @@ def choose_epoch_mode(net: Any, mode: str = "auto") -> str:
 # ---------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=64)
+class _ProgramCache:
+    """Compiled programs keyed by the *identity* of the network and loss (never by
+    equality: two custom layers that compare equal may still compute different things).
+    Holds a reference to each key so an id is never reused while its entry lives."""
+
+    def __init__(self, size: int = 64):
+        self.size, self.entries = size, {}
+
+    def get(self, build, *objs):
+        key = tuple(id(o) for o in objs)
+        hit = self.entries.get(key)
+        if hit is not None:
+            return hit[1]
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        fn = build(*objs)
+        self.entries[key] = (objs, fn)
+        return fn
+
+
+_PROGRAMS = _ProgramCache()
+
+
 def _eval_fn(net, loss_fn):
+    return _PROGRAMS.get(_build_eval_fn, net, loss_fn)
+
+
+def _build_eval_fn(net, loss_fn):
     wloss = weighted_loss(loss_fn)
 
-    def run(params, x, y, idx, w):
+    def run(params, model_state, x, y, idx, w):
         def body(acc, i):
             ib, wb = idx[i], w[i]
-            out = net.apply(params, x[ib])
+            out, _ = net.apply_with_state(params, model_state, x[ib])
             loss = wloss(out, (y[ib], wb))
             count = jnp.sum(wb)
             return (acc[0] + loss * count, acc[1] + jnp.sum(wb * _correct(out, y[ib])),
@@ -447,10 +515,13 @@ def _eval_fn(net, loss_fn):
     return jax.jit(run)
 
 
-@lru_cache(maxsize=64)
 def _predict_fn(net):
-    def run(params, x, idx):
-        return jax.lax.map(lambda ib: net.apply(params, x[ib]), idx)
+    return _PROGRAMS.get(_build_predict_fn, net)
+
+
+def _build_predict_fn(net):
+    def run(params, model_state, x, idx):
+        return jax.lax.map(lambda ib: net.apply_with_state(params, model_state, x[ib])[0], idx)
 
     return jax.jit(run)
 
@@ -475,12 +546,22 @@ def _num_classes(net: Any, x: np.ndarray) -> int | None:
     return out[-1] if len(out) == 1 else None
 
 
-def check_params(net: Any, params: Any, input_shape: tuple[int, ...], where: str = "fit") -> None:
+def _model_state(net: Any, state: Any, input_shape, where: str) -> Any:
+    """``state`` checked against the network's, or its initial state when ``None``."""
+    if state is None:
+        return net.init_state(tuple(input_shape))
+    check_params(net, state, input_shape, where, what="state")
+    return state
+
+
+def check_params(
+    net: Any, params: Any, input_shape: tuple[int, ...], where: str = "fit", what: str = "params"
+) -> None:
     """Raise ``ValueError`` if ``params`` do not fit ``net`` for inputs of ``input_shape``.
 
     Uses ``net.param_shapes(input_shape)`` (no allocation) where the network has it.
     """
-    shapes = getattr(net, "param_shapes", None)
+    shapes = getattr(net, "param_shapes" if what == "params" else "state_shapes", None)
     if shapes is None:
         return
     expected = shapes(tuple(input_shape))
@@ -488,13 +569,13 @@ def check_params(net: Any, params: Any, input_shape: tuple[int, ...], where: str
     g_leaves, g_def = jax.tree_util.tree_flatten_with_path(params)
     if e_def != g_def:
         raise ValueError(
-            f"{where}: params do not have the network's structure for inputs of shape "
+            f"{where}: {what} do not have the network's structure for inputs of shape "
             f"{tuple(input_shape)}: expected {e_def}, got {g_def}"
         )
     for (path, e), (_, g) in zip(e_leaves, g_leaves, strict=True):
         if tuple(jnp.shape(g)) != tuple(e.shape):
             raise ValueError(
-                f"{where}: params{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(g))}, "
+                f"{where}: {what}{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(g))}, "
                 f"the network expects {tuple(e.shape)} for inputs of shape {tuple(input_shape)}"
             )
 
@@ -507,8 +588,13 @@ def evaluate(
     *,
     loss: Loss = _losses.softmax_cross_entropy,
     batch_size: int = 1024,
+    state: Any = None,
 ) -> tuple[float, float | None]:
     """``(mean loss, accuracy)`` of ``net`` with ``params`` over ``(x, y)``, in batches.
+
+    Evaluation mode: Dropout is off and BatchNorm uses the running statistics in
+    ``state`` (the network's state, e.g. ``fit(...).model_state``; default
+    ``net.init_state``).
 
     Accuracy is the fraction of argmax predictions equal to the integer labels (or to the
     argmax of one-hot targets); ``None`` when ``y`` is neither.
@@ -518,19 +604,27 @@ def evaluate(
     out_shape = tuple(net.output_shape(tuple(x.shape[1:])))
     bs = min(batch_size, x.shape[0])
     idx, w = epoch_batches(jax.random.key(0), x.shape[0], bs, shuffle=False)
-    mean_loss, acc = _eval_fn(net, loss)(params, jnp.asarray(x), jnp.asarray(y), idx,
+    state = _model_state(net, state, x.shape[1:], "evaluate")
+    mean_loss, acc = _eval_fn(net, loss)(params, state, jnp.asarray(x), jnp.asarray(y), idx,
                                          w.astype(x.dtype))
     return float(mean_loss), (float(acc) if _has_accuracy(out_shape, y) else None)
 
 
-def predict(net: Any, params: Any, x: Any, *, batch_size: int = 1024) -> jax.Array:
-    """``net.apply(params, x)`` in batches of ``batch_size``: outputs ``(N, ...)``."""
+def predict(
+    net: Any, params: Any, x: Any, *, batch_size: int = 1024, state: Any = None
+) -> jax.Array:
+    """The network's outputs ``(N, ...)`` in evaluation mode, in batches of ``batch_size``.
+
+    ``state``: the network's state (BatchNorm's running statistics), default
+    ``net.init_state``.
+    """
     batch_size = _positive_int(batch_size, "predict: batch_size")
     x = jnp.asarray(x)
     n = x.shape[0]
     bs = min(batch_size, n)
     idx, _ = epoch_batches(jax.random.key(0), n, bs, shuffle=False)
-    out = _predict_fn(net)(params, x, idx)
+    state = _model_state(net, state, x.shape[1:], "predict")
+    out = _predict_fn(net)(params, state, x, idx)
     return out.reshape(-1, *out.shape[2:])[:n]
 
 
@@ -569,6 +663,7 @@ def fit(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     state: TrainState | None = None,
+    model_state: Any = None,
 ) -> FitResult:
     """Train ``net`` from ``params`` on ``(x, y)`` for up to ``epochs`` epochs.
 
@@ -602,6 +697,12 @@ def fit(
       resume: continue from ``checkpoint`` if it exists (bitwise the same result as an
         uninterrupted run with the same arguments).
       state: start from this :class:`TrainState` instead of ``init_state(params, ...)``.
+      model_state: the network's initial state (default ``net.init_state``).
+
+    Training runs the network in training mode (Dropout with a fresh key every step,
+    ``fold_in(step_keys(seed), step)``; BatchNorm with batch statistics, its running
+    statistics threaded through every step and kept in ``state.model_state``);
+    validation runs in evaluation mode with those running statistics.
 
     Returns:
       :class:`FitResult` ``(params, state, history, stop_reason)``.
@@ -635,13 +736,18 @@ def fit(
         )
     out_shape = tuple(net.output_shape(tuple(x_np.shape[1:])))
     check_params(net, params if state is None else state.params, x_np.shape[1:])
+    if state is None:
+        model_state = _model_state(net, model_state, x_np.shape[1:], "fit")
+    else:
+        _check_train_state(state)
+        _model_state(net, state.model_state, x_np.shape[1:], "fit")
     with_acc = _has_accuracy(out_shape, y_np)
 
-    update = _make_update(net, loss, optimizer, regularizer, lam, grad)
+    update = _make_update(net, loss, optimizer, regularizer, lam, grad, seed)
     bs = min(batch_size, x_np.shape[0])
     runner = EpochRunner(update, jnp.asarray(x_np), jnp.asarray(y_np), bs, mode, shuffle)
 
-    state = init_state(params, optimizer) if state is None else state
+    state = init_state(params, optimizer, model_state) if state is None else state
     history: dict[str, list] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [],
                                 "time": []}
     start = 0
@@ -675,7 +781,7 @@ def fit(
             history["loss"].append(train_loss)
             history["accuracy"].append(train_acc if with_acc else None)
             if validation_data is not None:
-                vl, va = evaluate(net, state.params, xv, yv, loss=loss)
+                vl, va = evaluate(net, state.params, xv, yv, loss=loss, state=state.model_state)
                 history["val_loss"].append(vl)
                 history["val_accuracy"].append(va)
             history["time"].append(time.perf_counter() - t0)
@@ -713,6 +819,14 @@ def fit(
     if stop_reason == "patience" and restore_best and best[1] is not None:
         params_out = best[1]
     return FitResult(params_out, state, history, stop_reason)
+
+
+def _check_train_state(state: Any) -> None:
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            f"fit: state must be a funcnet.train.TrainState (init_state(params, optimizer, "
+            f"model_state)), got {type(state).__name__}; pass parameters as params"
+        )
 
 
 def _raise_non_finite(epoch, metrics, state, history, runner):

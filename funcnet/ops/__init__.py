@@ -1,17 +1,24 @@
-"""Pure forward math on arrays (batched NHWC): dense, conv, pooling, activations."""
+"""Pure forward math on arrays (batched NHWC), re-exported from the layer families.
 
-from funcnet.ops.activation import log_softmax, relu, sigmoid, softmax, tanh
-from funcnet.ops.conv import conv2d, extract_patches, locally_connected2d
-from funcnet.ops.dense import dense
-from funcnet.ops.pool import (
+``fn.ops.conv2d`` is :func:`funcnet.nn.conv.conv2d`; ``fn.ops.conv`` (and ``pool``,
+``activation``) is the whole family module.
+"""
+
+from funcnet.nn import activation, conv, pool  # noqa: F401 - the family modules
+from funcnet.nn.activation import log_softmax, relu, sigmoid, softmax, tanh
+from funcnet.nn.conv import conv2d, extract_patches, locally_connected2d
+from funcnet.nn.dense import dense
+from funcnet.nn.pool import (
     avg_pool,
     feature_l2_pool,
     feature_max_pool,
+    global_avg_pool,
     l2_pool,
     lp_pool,
     max_pool,
     sum_pool,
 )
+from funcnet.nn.reshape import flatten, reshape
 
 __all__ = [
     "avg_pool",
@@ -20,12 +27,15 @@ __all__ = [
     "extract_patches",
     "feature_l2_pool",
     "feature_max_pool",
+    "flatten",
+    "global_avg_pool",
     "l2_pool",
     "locally_connected2d",
     "log_softmax",
     "lp_pool",
     "max_pool",
     "relu",
+    "reshape",
     "sigmoid",
     "softmax",
     "sum_pool",

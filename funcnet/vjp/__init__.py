@@ -1,32 +1,33 @@
-"""Hand-written backward rules (``funcnet.vjp``), mirrored by file name with the forward.
+"""Hand-written backward rules (``funcnet.vjp``), re-exported from the layer families.
 
-``ops/dense.py <-> vjp/dense.py``, ``ops/conv.py <-> vjp/conv.py``, ``ops/pool.py <->
-vjp/pool.py``, ``ops/activation.py <-> vjp/activation.py``, ``losses.py <->
-vjp/losses.py``, ``regularizers.py <-> vjp/regularizers.py``; ``vjp/gates.py`` holds the
-lecture's scalar gates. Each op has a pair in the ``jax.custom_vjp`` convention,
-``<op>_fwd(*args) -> (out, residuals)`` and ``<op>_bwd(residuals, g) -> cotangents``,
-collected in the one table :data:`RULES`. From it:
+Each family module (:mod:`funcnet.nn.conv`, ...) holds its ops' rule pairs in the
+``jax.custom_vjp`` convention, ``<op>_fwd(*args) -> (out, residuals)`` and
+``<op>_bwd(residuals, g) -> cotangents``, next to the op; ``fn.vjp.conv`` (``dense``,
+``pool``, ``activation``, ``reshape``, ``losses``, ``regularizers``) is that module and
+``vjp/gates.py`` holds the lecture's scalar gates. They are collected in the one table
+:data:`RULES`. From it:
 
 - :func:`manual` — an op wrapped in ``jax.custom_vjp`` with its hand rule;
-- :func:`value_and_grad` — explicit back-propagation through a ``Serial``, layer by
-  layer (:data:`LAYER_RULES`), same result structure as ``jax.value_and_grad``;
+- :func:`value_and_grad` / :func:`value_and_grad_with_state` — explicit
+  back-propagation through a network, each layer with its own rule (``layer.fwd`` /
+  ``layer.bwd``), same result structure as ``jax.value_and_grad``;
 - :func:`regularizer_value_and_grad`, ``regularizers.l2_grad`` / ``l1_grad`` — the
   ``grad Omega`` of the lecture's update ``Delta = -grad l - lambda grad Omega``.
 """
 
-from funcnet.vjp import activation, conv, dense, gates, losses, pool, regularizers
-from funcnet.vjp._common import Rule
+from funcnet.nn import activation, conv, dense, losses, pool, regularizers, reshape
+from funcnet.nn.base import Rule
+from funcnet.vjp import gates
 from funcnet.vjp.network import (
-    LAYER_RULES,
     LayerRule,
     layer_rule,
     regularizer_value_and_grad,
     value_and_grad,
+    value_and_grad_with_state,
 )
 from funcnet.vjp.table import RULES, manual, rule_for
 
 __all__ = [
-    "LAYER_RULES",
     "RULES",
     "LayerRule",
     "Rule",
@@ -40,6 +41,8 @@ __all__ = [
     "pool",
     "regularizer_value_and_grad",
     "regularizers",
+    "reshape",
     "rule_for",
     "value_and_grad",
+    "value_and_grad_with_state",
 ]

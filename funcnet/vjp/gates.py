@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from funcnet.vjp._common import Rule
+from funcnet.nn.base import Rule
 
 
 def add(x, y):

@@ -11,19 +11,15 @@ from typing import Any
 
 import jax
 
-from funcnet.vjp import activation, conv, dense, gates, losses, pool, regularizers
-from funcnet.vjp._common import Rule
+from funcnet.nn import activation, conv, dense, losses, pool, regularizers, reshape
+from funcnet.nn.base import Rule
+from funcnet.vjp import gates
+
+#: The families whose ``RULES`` make up the table (a new family adds itself here).
+FAMILIES = [dense, conv, pool, activation, reshape, losses, regularizers, gates]
 
 #: Every op of :mod:`funcnet.ops`, every loss, regularizer and lecture gate -> its rule.
-RULES: dict[Callable, Rule] = {
-    **dense.RULES,
-    **conv.RULES,
-    **pool.RULES,
-    **activation.RULES,
-    **losses.RULES,
-    **regularizers.RULES,
-    **gates.RULES,
-}
+RULES: dict[Callable, Rule] = {op: rule for family in FAMILIES for op, rule in family.RULES.items()}
 
 
 def rule_for(op: Callable) -> Rule:

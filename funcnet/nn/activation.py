@@ -1,0 +1,316 @@
+"""Activations: elementwise (sigmoid, tanh, ReLU, any ``fn``) and the softmax family.
+
+=============  ==============================================  ========================
+op             forward                                         ``dL/dx``
+=============  ==============================================  ========================
+sigmoid        ``s = 1 / (1 + e^-x)``                          ``g s (1 - s)``
+tanh           ``t = tanh x``                                  ``g (1 - t^2)``
+relu           ``max(0, x)``                                   ``g [x > 0]`` (0 at 0)
+softmax        ``y = e^x / sum e^x``                           ``y (g - sum(g y))``
+log_softmax    ``z = x - logsumexp x``                         ``g - e^z sum(g)``
+=============  ==============================================  ========================
+
+Conventions pinned by the tests: ``relu'(0) = 0`` (as ``jax.nn.relu``); softmax and
+log-softmax act on ``axis=-1`` by default and are invariant to adding a constant. The
+softmax Jacobian is ``dy_k/dx_l = y_k (delta_kl - y_l)``; contracted with ``g`` it is the
+vector formula above, so no ``K x K`` matrix is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from funcnet.nn.base import RF, FallbackResiduals, Layer, OpLayer, Rule, Shape, static
+
+# ---------------------------------------------------------------------------------------
+# The ops
+# ---------------------------------------------------------------------------------------
+
+
+def sigmoid(x: jax.Array) -> jax.Array:
+    """``sigma(x) = 1 / (1 + exp(-x))``; ``sigma' = sigma (1 - sigma)``."""
+    return jax.nn.sigmoid(x)
+
+
+def tanh(x: jax.Array) -> jax.Array:
+    """Hyperbolic tangent; ``tanh' = 1 - tanh^2``."""
+    return jnp.tanh(x)
+
+
+def relu(x: jax.Array) -> jax.Array:
+    """``max(0, x)``; its derivative at 0 is taken to be 0."""
+    return jax.nn.relu(x)
+
+
+def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``y_k = exp(b_k) / sum_l exp(b_l)`` along ``axis`` (computed shift-stably)."""
+    return jax.nn.softmax(x, axis=axis)
+
+
+def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``log softmax(x)`` along ``axis``, finite for logits of any magnitude."""
+    return jax.nn.log_softmax(x, axis=axis)
+
+
+
+# ---------------------------------------------------------------------------------------
+# Their rules
+# ---------------------------------------------------------------------------------------
+
+
+class OutputResiduals(NamedTuple):
+    y: jax.Array  # the output: sigmoid, tanh, softmax and log-softmax need only that
+
+
+class InputResiduals(NamedTuple):
+    x: jax.Array
+
+
+@static
+class Axis:
+    axis: int
+
+
+class AxisResiduals(NamedTuple):
+    y: jax.Array
+    axis: Axis
+
+
+def sigmoid_fwd(x: jax.Array):
+    """``(sigma(x), residuals)``."""
+    y = sigmoid(x)
+    return y, OutputResiduals(y)
+
+
+def sigmoid_bwd(res: OutputResiduals, g: jax.Array):
+    """``(g sigma (1 - sigma),)``."""
+    return (g * res.y * (1 - res.y),)
+
+
+def tanh_fwd(x: jax.Array):
+    """``(tanh(x), residuals)``."""
+    y = tanh(x)
+    return y, OutputResiduals(y)
+
+
+def tanh_bwd(res: OutputResiduals, g: jax.Array):
+    """``(g (1 - tanh^2),)``."""
+    return (g * (1 - res.y * res.y),)
+
+
+def relu_fwd(x: jax.Array):
+    """``(relu(x), residuals)``."""
+    return relu(x), InputResiduals(x)
+
+
+def relu_bwd(res: InputResiduals, g: jax.Array):
+    """``(g [x > 0],)``: the derivative at exactly 0 is 0, as ``jax.nn.relu``."""
+    return (jnp.where(res.x > 0, g, jnp.zeros((), g.dtype)),)
+
+
+def softmax_fwd(x: jax.Array, axis: int = -1):
+    """``(softmax(x, axis), residuals)``."""
+    y = softmax(x, axis=axis)
+    return y, AxisResiduals(y, Axis(axis))
+
+
+def softmax_bwd(res: AxisResiduals, g: jax.Array):
+    """``(y (g - sum(g y)),)`` along the softmax axis."""
+    y, axis = res.y, res.axis.axis
+    return (y * (g - jnp.sum(g * y, axis=axis, keepdims=True)),)
+
+
+def log_softmax_fwd(x: jax.Array, axis: int = -1):
+    """``(log_softmax(x, axis), residuals)``."""
+    z = log_softmax(x, axis=axis)
+    return z, AxisResiduals(z, Axis(axis))
+
+
+def log_softmax_bwd(res: AxisResiduals, g: jax.Array):
+    """``(g - softmax(x) sum(g),)`` along the axis; ``softmax = exp(log_softmax)``."""
+    z, axis = res.y, res.axis.axis
+    return (g - jnp.exp(z) * jnp.sum(g, axis=axis, keepdims=True),)
+
+
+RULES = {
+    sigmoid: Rule(sigmoid_fwd, sigmoid_bwd, ("x",)),
+    tanh: Rule(tanh_fwd, tanh_bwd, ("x",)),
+    relu: Rule(relu_fwd, relu_bwd, ("x",)),
+    softmax: Rule(softmax_fwd, softmax_bwd, ("x",)),
+    log_softmax: Rule(log_softmax_fwd, log_softmax_bwd, ("x",)),
+}
+
+
+
+# ---------------------------------------------------------------------------------------
+# The layers
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Elementwise(OpLayer):
+    """An elementwise op: the output unit sees what its input unit saw."""
+
+    #: ``(FLOPs, transcendentals)`` per element (the counting convention of ``summary``).
+    cost: ClassVar[tuple[int, int]] = (0, 0)
+
+    def flops(self, input_shape: Shape) -> tuple[int, int]:
+        n = math.prod(input_shape)
+        return self.cost[0] * n, self.cost[1] * n
+
+    def receptive_field(self, input_shape: Shape, rf: RF) -> RF:
+        return rf
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Sigmoid(_Elementwise):
+    """``1 / (1 + exp(-x))`` elementwise."""
+
+    op = staticmethod(sigmoid)
+    rule = RULES[sigmoid]
+    cost = (3, 1)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Tanh(_Elementwise):
+    """``tanh(x)`` elementwise."""
+
+    op = staticmethod(tanh)
+    rule = RULES[tanh]
+    cost = (0, 1)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class ReLU(_Elementwise):
+    """``max(0, x)`` elementwise (derivative 0 at 0)."""
+
+    op = staticmethod(relu)
+    rule = RULES[relu]
+    cost = (1, 0)
+
+
+# Activation(fn) with one of these functions uses its hand rule.
+_KNOWN: dict[Callable, Rule] = {
+    relu: ReLU.rule,
+    jax.nn.relu: ReLU.rule,
+    sigmoid: Sigmoid.rule,
+    jax.nn.sigmoid: Sigmoid.rule,
+    tanh: Tanh.rule,
+    jnp.tanh: Tanh.rule,
+}
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Activation(Layer):
+    """Any elementwise function ``fn(x)`` (shape-preserving), e.g. ``jax.nn.gelu``.
+
+    Back-propagation uses the hand rule when ``fn`` is one of funcnet's activations (or
+    its ``jax.nn`` twin) and otherwise ``jax.vjp`` of ``fn``: an arbitrary user function
+    has no hand rule.
+    """
+
+    fn: Callable[[jax.Array], jax.Array]
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"Activation: fn must be callable, got {self.fn!r}")
+
+    def _checked(self, x, y):
+        if jnp.shape(y) != x.shape:
+            raise ValueError(
+                f"{self!r}: fn must be elementwise (shape-preserving); it mapped {x.shape} "
+                f"to {jnp.shape(y)}"
+            )
+        return y
+
+    def forward(self, params, state, x, *, key=None, train=False):
+        return self._checked(x, self.fn(x)), state
+
+    def fwd(self, params, state, x, *, key=None, train=False):
+        rule = _KNOWN.get(self.fn)
+        if rule is not None:
+            y, res = rule.fwd(x)
+            return y, state, res
+        y, vjp_fn = jax.vjp(self.fn, x)
+        return self._checked(x, y), state, FallbackResiduals(vjp_fn)
+
+    def bwd(self, res, g, need_dx):
+        if not need_dx:
+            return None, {}
+        if isinstance(res, FallbackResiduals):
+            return res.vjp_fn(g)[0], {}
+        return _KNOWN[self.fn].bwd(res, g)[0], {}
+
+    def receptive_field(self, input_shape: Shape, rf: RF) -> RF:
+        return rf
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _AxisLayer(OpLayer):
+    axis: int = -1
+
+    def __post_init__(self):
+        if isinstance(self.axis, bool):
+            raise TypeError(f"{type(self).__name__}: axis must be an int, got {self.axis!r}")
+        try:
+            object.__setattr__(self, "axis", operator.index(self.axis))
+        except TypeError:
+            raise TypeError(
+                f"{type(self).__name__}: axis must be an int, got {self.axis!r}"
+            ) from None
+
+    def batched_axis(self, shape: Shape) -> int:
+        """The axis as a non-negative index into the batched input ``(N, *shape)``."""
+        rank = len(shape) + 1
+        ax = self.axis + rank if self.axis < 0 else self.axis
+        if not 1 <= ax < rank:
+            raise ValueError(
+                f"{self!r}: axis {self.axis} is not a feature axis of a batched input of "
+                f"shape (N, *{shape}) (axis 0, or {-rank}, is the batch)"
+            )
+        return ax
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        shape = super().output_shape(input_shape)
+        self.batched_axis(shape)
+        return shape
+
+    def hyper(self):
+        return {"axis": self.axis}
+
+    def flops(self, input_shape: Shape) -> tuple[int, int]:
+        n = math.prod(input_shape)
+        return 4 * n, n
+
+    def receptive_field(self, input_shape: Shape, rf: RF) -> RF:
+        if not rf.tracked:
+            return rf
+        axis = self.batched_axis(input_shape) - 1
+        if not rf.grid:
+            return rf.whole()
+        if axis < len(rf.extent) and len(input_shape) > 1 and axis != len(input_shape) - 1:
+            return rf.whole([axis])
+        return rf
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Softmax(_AxisLayer):
+    """``y_k = exp(b_k) / sum_l exp(b_l)`` along ``axis`` (default the last)."""
+
+    op = staticmethod(softmax)
+    rule = RULES[softmax]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class LogSoftmax(_AxisLayer):
+    """``log softmax`` along ``axis`` (default the last)."""
+
+    op = staticmethod(log_softmax)
+    rule = RULES[log_softmax]

@@ -1,0 +1,589 @@
+"""The layer protocol every funcnet layer and network follows.
+
+A layer is an immutable description of hyper-parameters (a frozen dataclass: hashable,
+printable, comparable, never holding arrays), so it can be a static argument to ``jit``.
+Arrays live in two sibling pytrees with the nesting of the network: **params** (trained)
+and **state** (carried, never differentiated: BatchNorm's running statistics).
+
+What a layer answers for itself (override these in a subclass):
+
+==============================  ========================================================
+``output_shape(input_shape)``   the unbatched output shape; validates the input
+``param_specs(input_shape)``    ``{name: shape}`` of its parameters (leaf layers)
+``initializers()``              ``{name: init(key, shape, dtype)}`` for those names
+``state_specs(input_shape)``    ``{name: shape}`` of its state (default none)
+``init_state(input_shape)``     the initial state arrays (default ``{}``)
+``forward(params, state, x, *, key, train) -> (y, state)``   the forward pass
+``fwd(...) -> (y, state, res)`` / ``bwd(res, g, need_dx) -> (dx, dparams)``
+                                its hand-written backward rule (default: ``jax.vjp``)
+``flops(input_shape)``          ``(flops, transcendentals)`` for one example, or ``None``
+``receptive_field(shape, rf)``  how it changes the receptive field (:class:`RF`)
+``stochastic``                  ``True`` if ``forward`` draws from ``key`` in training
+==============================  ========================================================
+
+What users call (validating, with errors that name the layer):
+
+- ``init(key, input_shape) -> params``; ``init_state(input_shape) -> state``;
+- ``apply_with_state(params, state, x, *, key=None, train=False) -> (y, state)``;
+- ``apply(params, x, *, key=None, train=False) -> y`` (and ``layer(params, x)``), for
+  layers and networks without state.
+
+``input_shape`` never includes the batch axis; ``x`` always does. ``train=False`` is
+evaluation: Dropout is the identity and BatchNorm uses its running statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from funcnet import _checks
+
+Initializer = Callable[..., jax.Array]
+Shape = tuple[int, ...]
+
+DEFAULT_W_INIT: Initializer = jax.nn.initializers.lecun_normal()
+DEFAULT_B_INIT: Initializer = jax.nn.initializers.zeros
+
+
+# ---------------------------------------------------------------------------------------
+# Op rules: the jax.custom_vjp convention
+# ---------------------------------------------------------------------------------------
+
+
+class Rule(NamedTuple):
+    """A hand-written rule pair in the ``jax.custom_vjp`` convention.
+
+    ``fwd`` has the op's signature and returns ``(out, residuals)``; ``bwd(residuals, g)``
+    returns one cotangent per name in ``diff`` (``None`` for an absent or integer
+    argument). Every other argument of ``fwd`` is a static hyper-parameter.
+    """
+
+    fwd: Callable[..., tuple[Any, Any]]
+    bwd: Callable[[Any, Any], tuple]
+    diff: tuple[str, ...]
+
+
+def static(cls):
+    """Register a frozen dataclass as a static pytree node (no leaves).
+
+    Residual NamedTuples keep hyper-parameters (stride, pads, axis, ...) in such fields,
+    so the residuals stay a valid ``custom_vjp`` pytree of arrays while ``bwd`` still
+    sees plain Python ints for shapes.
+    """
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_static(cls)
+
+
+# ---------------------------------------------------------------------------------------
+# Receptive fields
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RF:
+    """Receptive field of one unit, per spatial axis of the network input.
+
+    ``rf``: input pixels one unit sees; ``jump``: input-pixel distance between
+    neighbouring units (``None`` once an axis is no longer a grid); ``center``: centre of
+    unit 0's field. ``None`` fields mean unknown. ``grid``: the current tensor's leading
+    axes are still the input's spatial axes. Layers transform it with the methods below,
+    which follow ``r_out = r_in + (k_eff - 1) j_in``, ``j_out = j_in s``,
+    ``c_out = c_in + ((k_eff - 1) / 2 - pad_low) j_in``.
+    """
+
+    extent: tuple[int, ...]  # the network input's spatial size (for "whole input")
+    rf: tuple[int, ...] | None
+    jump: tuple[int | None, ...] | None
+    center: tuple[float, ...] | None
+    grid: bool = True
+
+    @classmethod
+    def start(cls, spatial: Shape) -> RF:
+        n = len(spatial)
+        return cls(tuple(spatial), (1,) * n, (1,) * n, (0.0,) * n, True)
+
+    @property
+    def tracked(self) -> bool:
+        """Whether there are spatial axes to track at all."""
+        return bool(self.extent)
+
+    def unknown(self) -> RF:
+        return dataclasses.replace(self, rf=None, jump=None, center=None)
+
+    def window(self, k_eff: Shape, stride: Shape, pads) -> RF:
+        """A sliding window of (effective) size ``k_eff`` over the grid."""
+        if not self.tracked:
+            return self
+        if self.rf is None or not self.grid:
+            return self.unknown()
+        rf = tuple(r + (k - 1) * j for r, k, j in zip(self.rf, k_eff, self.jump, strict=True))
+        center = tuple(
+            c + ((k - 1) / 2 - lo) * j
+            for c, k, j, (lo, _) in zip(self.center, k_eff, self.jump, pads, strict=True)
+        )
+        jump = tuple(j * s for j, s in zip(self.jump, stride, strict=True))
+        return dataclasses.replace(self, rf=rf, jump=jump, center=center)
+
+    def whole(self, axes=None) -> RF:
+        """The field becomes the whole input along ``axes`` (default: all)."""
+        if not self.tracked:
+            return self
+        axes = range(len(self.extent)) if axes is None else axes
+        if self.rf is None:
+            rf = list(self.extent)
+            jump: list[int | None] = [None] * len(self.extent)
+            center = [(n - 1) / 2 for n in self.extent]
+            keep = set()
+        else:
+            rf, jump, center = list(self.rf), list(self.jump), list(self.center)
+            keep = set(range(len(self.extent))) - set(axes)
+        for a in range(len(self.extent)):
+            if a not in keep:
+                rf[a], jump[a], center[a] = self.extent[a], None, (self.extent[a] - 1) / 2
+        return dataclasses.replace(self, rf=tuple(rf), jump=tuple(jump), center=tuple(center))
+
+    def per_position(self, in_shape: Shape) -> RF:
+        """A map over the last (feature) axis: keeps the field on a grid, else sees all."""
+        if not self.tracked:
+            return self
+        return self if self.grid and len(in_shape) > 1 else self.whole()
+
+    def flatten(self, in_shape: Shape) -> RF:
+        """Each unit keeps its field, but the grid ends (jump ``-``)."""
+        if not self.tracked:
+            return self
+        if self.rf is None or len(in_shape) <= 1:
+            return dataclasses.replace(self, grid=False)
+        return dataclasses.replace(self, grid=False, jump=(None,) * len(self.extent))
+
+    @staticmethod
+    def union(fields: list[RF]) -> RF:
+        """The field of a unit that sees every one of ``fields`` (branches of one input)."""
+        first = fields[0]
+        if any(f.rf is None for f in fields):
+            return first.unknown()
+        if len({(f.jump, f.grid) for f in fields}) != 1:
+            return first.unknown()
+        rf = tuple(max(f.rf[a] for f in fields) for a in range(len(first.extent)))
+        widest = max(fields, key=lambda f: f.rf)
+        return dataclasses.replace(first, rf=rf, center=widest.center)
+
+
+# ---------------------------------------------------------------------------------------
+# The base class
+# ---------------------------------------------------------------------------------------
+
+
+def _short(value: Any) -> str:
+    if callable(value) and not isinstance(value, type):
+        return getattr(value, "__name__", repr(value))
+    if isinstance(value, type):
+        return value.__name__
+    return repr(value)
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if value is default or value == default:
+        return True
+    return (
+        isinstance(value, tuple) and isinstance(default, int) and value == (default,) * len(value)
+    )
+
+
+class FallbackResiduals(NamedTuple):
+    """Residuals of a layer without a hand-written rule: the ``jax.vjp`` closure."""
+
+    vjp_fn: Callable
+
+
+def prefixed(err: Exception, prefix: str) -> Exception:
+    """``err`` with ``prefix`` in front of its message, for funcnet's own plain errors.
+
+    Only exact ``ValueError`` / ``TypeError`` (what funcnet raises) are re-created; any
+    other exception (JAX's own errors subclass these with other constructors) is returned
+    unchanged, so it is re-raised as it was.
+    """
+    if type(err) not in (ValueError, TypeError):
+        return err
+    new = type(err)(f"{prefix}: {err}")
+    new.__cause__ = err
+    return new
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Layer:
+    """Base class of every layer and network; see the module docstring for the protocol."""
+
+    #: ``True`` for layers whose training-mode forward draws random numbers from ``key``.
+    stochastic: ClassVar[bool] = False
+    #: ``True`` for convolution-like layers (``train.choose_epoch_mode`` reads it).
+    convolutional: ClassVar[bool] = False
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.default is dataclasses.MISSING:
+                parts.append(_short(value))
+            elif not _is_default(value, f.default):
+                parts.append(f"{f.name}={_short(value)}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    # -- shapes --------------------------------------------------------------------------
+    def output_shape(self, input_shape: Shape) -> Shape:
+        """Unbatched output shape for an unbatched ``input_shape``; validates it."""
+        return _checks.input_shape_tuple(input_shape, repr(self))
+
+    def sublayers(self) -> tuple[Layer, ...]:
+        """The layers a combinator is made of (``()`` for a leaf layer)."""
+        return ()
+
+    # -- parameters ----------------------------------------------------------------------
+    def param_specs(self, input_shape: Shape) -> dict[str, Shape]:
+        """Name -> shape of each parameter for this input shape (validated); no allocation."""
+        self.output_shape(input_shape)
+        return {}
+
+    def initializers(self) -> dict[str, Initializer]:
+        """Name -> initializer ``init(key, shape, dtype)`` of each parameter.
+
+        The default reads ``w_init`` / ``b_init`` fields for ``w`` / ``b``; layers with
+        other parameter names override it.
+        """
+        out = {}
+        for name in ("w", "b"):
+            fn = getattr(self, f"{name}_init", None)
+            if fn is not None:
+                out[name] = fn
+        return out
+
+    @property
+    def dtype(self) -> Any:
+        """The parameters' dtype (a ``param_dtype`` field, default float32)."""
+        return getattr(self, "param_dtype", jnp.float32)
+
+    def param_shapes(self, input_shape: Shape) -> Any:
+        """``init``'s pytree as ``jax.ShapeDtypeStruct`` leaves, allocating nothing."""
+        return {
+            name: jax.ShapeDtypeStruct(shape, self.dtype)
+            for name, shape in self.param_specs(input_shape).items()
+        }
+
+    def init(self, key: jax.Array, input_shape: Shape) -> Any:
+        """Parameters for inputs of (unbatched) ``input_shape``; ``{}`` if there are none."""
+        specs = self.param_specs(input_shape)
+        if not specs:
+            return {}
+        fns = self.initializers()
+        missing = sorted(set(specs) - set(fns))
+        if missing:
+            raise TypeError(
+                f"{self!r}: no initializer for parameters {missing}; override "
+                f"initializers() to return one per name in param_specs()"
+            )
+        keys = jax.random.split(key, len(specs))
+        return {
+            name: fns[name](k, shape, self.dtype)
+            for (name, shape), k in zip(specs.items(), keys, strict=True)
+        }
+
+    # -- state ---------------------------------------------------------------------------
+    def state_specs(self, input_shape: Shape) -> dict[str, Shape]:
+        """Name -> shape of each state array (default: none)."""
+        return {}
+
+    def state_shapes(self, input_shape: Shape) -> Any:
+        """``init_state``'s pytree as ``jax.ShapeDtypeStruct`` leaves."""
+        return {
+            name: jax.ShapeDtypeStruct(shape, self.dtype)
+            for name, shape in self.state_specs(input_shape).items()
+        }
+
+    def init_state(self, input_shape: Shape) -> Any:
+        """The initial state for inputs of ``input_shape`` (``{}`` for a stateless layer)."""
+        self.output_shape(input_shape)
+        return {
+            name: jnp.zeros(s.shape, s.dtype)
+            for name, s in self.state_shapes(input_shape).items()
+        }
+
+    def has_state(self, input_shape: Shape) -> bool:
+        """Whether this layer (or any part of a network) carries state."""
+        return bool(jax.tree_util.tree_leaves(self.state_shapes(input_shape)))
+
+    # -- forward -------------------------------------------------------------------------
+    def check_input(self, x: Any) -> jax.Array:
+        """Validate (and convert) a batched input; floating by default."""
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            x = jnp.asarray(x)
+        if x.ndim < 1:
+            raise ValueError(f"{self!r}: expected a batched input (N, ...), got a scalar")
+        _checks.check_floating(x, "input x", repr(self))
+        return x
+
+    def check(self, params: Any, state: Any, x: Any) -> tuple[jax.Array, Any]:
+        """Validate ``params``, ``state`` and ``x`` before running: ``(x, state)`` as arrays.
+
+        ``state`` may be ``None`` (or any empty pytree such as ``()``) for a layer without
+        state; it is then replaced by ``init_state``.
+        """
+        x = self.check_input(x)
+        in_shape = tuple(x.shape[1:])
+        self.output_shape(in_shape)
+        state = _default_state(self, state, in_shape)
+        _check_tree(self, "params", params, self.param_shapes(in_shape), in_shape)
+        _check_tree(self, "state", state, self.state_shapes(in_shape), in_shape)
+        return x, state
+
+    def forward(
+        self, params: Any, state: Any, x: jax.Array, *, key: jax.Array | None, train: bool
+    ) -> tuple[jax.Array, Any]:
+        """``(y, new_state)``: the forward pass on a validated batch. Override this."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward()")
+
+    def apply_with_state(
+        self,
+        params: Any,
+        state: Any,
+        x: Any,
+        *,
+        key: jax.Array | None = None,
+        train: bool = False,
+    ) -> tuple[jax.Array, Any]:
+        """``(y, new_state)`` for a batched ``x`` of shape ``(N, *input_shape)``.
+
+        ``train=True`` is training mode (Dropout drops with ``key``; BatchNorm uses the
+        batch statistics and returns updated running statistics); ``train=False``
+        (default) is evaluation and returns ``state`` unchanged.
+        """
+        _check_train(self, train)
+        x, state = self.check(params, state, x)
+        _check_key(self, key, train)
+        return self.forward(params, state, x, key=key, train=train)
+
+    def apply(
+        self, params: Any, x: Any, *, key: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
+        """``y`` for a batched ``x``; for layers and networks without state.
+
+        A network with state (BatchNorm) needs :meth:`apply_with_state`.
+        """
+        x = self.check_input(x)
+        if self.has_state(tuple(x.shape[1:])):
+            raise ValueError(
+                f"{_head(self)}: this network carries state (e.g. BatchNorm running "
+                f"statistics); use apply_with_state(params, state, x, key=..., train=...) "
+                f"with state = net.init_state(input_shape)"
+            )
+        state = self.init_state(tuple(x.shape[1:]))
+        return self.apply_with_state(params, state, x, key=key, train=train)[0]
+
+    def __call__(self, params: Any, x: Any, **kwargs: Any) -> jax.Array:
+        """``layer(params, x)`` is ``layer.apply(params, x)``."""
+        return self.apply(params, x, **kwargs)
+
+    # -- the hand-written backward rule --------------------------------------------------
+    def fwd(
+        self, params: Any, state: Any, x: jax.Array, *, key: jax.Array | None, train: bool
+    ) -> tuple[jax.Array, Any, Any]:
+        """``(y, new_state, residuals)``: the forward pass keeping what ``bwd`` needs.
+
+        The default has no hand-written rule: it keeps ``jax.vjp``'s closure (the
+        documented fallback for layers that do not derive their gradient by hand).
+        """
+        y, vjp_fn, new_state = jax.vjp(
+            lambda p, x: self.forward(p, state, x, key=key, train=train), params, x,
+            has_aux=True,
+        )
+        return y, new_state, FallbackResiduals(vjp_fn)
+
+    def bwd(self, res: Any, g: jax.Array, need_dx: bool) -> tuple[jax.Array | None, Any]:
+        """``(dL/dx, dL/dparams)`` from upstream ``g = dL/dy``; ``dx`` is ``None`` if not
+        ``need_dx`` (the network's first layer)."""
+        dparams, dx = res.vjp_fn(g)
+        return (dx if need_dx else None), dparams
+
+    @classmethod
+    def has_hand_rule(cls) -> bool:
+        """Whether ``fwd`` / ``bwd`` are written by hand (not the ``jax.vjp`` fallback)."""
+        return cls.fwd is not Layer.fwd and cls.bwd is not Layer.bwd
+
+    # -- metadata ------------------------------------------------------------------------
+    def flops(self, input_shape: Shape) -> tuple[int, int] | None:
+        """``(FLOPs, transcendentals)`` of the forward pass on one example, or ``None``
+        (then ``summary`` measures it with XLA's cost analysis). See ``funcnet.summary``
+        for the counting convention."""
+        return None
+
+    def receptive_field(self, input_shape: Shape, rf: RF) -> RF:
+        """The receptive field after this layer, given the one before (default unknown)."""
+        return rf.unknown()
+
+    def walk(self, input_shape: Shape, rf: RF, path: tuple, visit: Callable) -> RF:
+        """Visit ``(path, layer, input_shape, rf_after, own)`` of every leaf layer (and every
+        combinator's merge) in forward order; returns the field after this layer."""
+        rf = self.receptive_field(input_shape, rf)
+        visit(path, self, input_shape, rf, True)
+        return rf
+
+    def label(self) -> str:
+        """How ``summary`` names this layer's own row."""
+        return repr(self)
+
+
+def _head(layer: Layer) -> str:
+    text = repr(layer)
+    return text if "\n" not in text else type(layer).__name__
+
+
+def _check_train(layer: Layer, train: Any) -> None:
+    if not isinstance(train, bool):
+        raise TypeError(f"{_head(layer)}: train must be a Python bool, got {train!r}")
+
+
+def _check_key(layer: Layer, key: Any, train: bool) -> None:
+    if key is None:
+        return
+    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
+        if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
+            return  # a raw jax.random.PRNGKey
+        raise TypeError(
+            f"{_head(layer)}: key must be a JAX PRNG key (jax.random.key(seed)) or None, "
+            f"got {type(key).__name__}"
+        )
+
+
+def _default_state(layer: Layer, state: Any, in_shape: Shape) -> Any:
+    """``init_state`` in place of ``None`` or an empty pytree, for a layer without state."""
+    if state is None or not jax.tree_util.tree_leaves(state):
+        if state is None or not layer.has_state(in_shape):
+            return layer.init_state(in_shape)
+    return state
+
+
+def _check_tree(layer: Layer, what: str, got: Any, expected: Any, in_shape: Shape) -> None:
+    """``got`` has ``expected``'s structure and leaf shapes, else an error naming ``layer``."""
+    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
+    try:
+        g_leaves, g_def = jax.tree_util.tree_flatten_with_path(got)
+    except Exception:
+        g_def = type(got).__name__
+    if e_def != g_def:
+        if isinstance(expected, dict) and isinstance(got, dict):
+            raise ValueError(
+                f"{_head(layer)}: expected {what} with keys {sorted(expected)}, got {sorted(got)}"
+            )
+        raise ValueError(
+            f"{_head(layer)}: {what} do not have the expected structure for input shape "
+            f"{tuple(in_shape)}: expected {e_def}, got {g_def}"
+        )
+    for (path, e), (_, g) in zip(e_leaves, g_leaves, strict=True):
+        if tuple(jnp.shape(g)) != tuple(e.shape):
+            if len(path) == 1 and isinstance(path[0], jax.tree_util.DictKey):
+                name = f"{what.rstrip('s')} {path[0].key!r}"  # param 'w', state 'mean'
+            else:
+                name = what + jax.tree_util.keystr(path)
+            raise ValueError(
+                f"{_head(layer)}: {name} has shape {tuple(jnp.shape(g))}, expected "
+                f"{tuple(e.shape)} for input shape {tuple(in_shape)}"
+            )
+
+
+def rule_forward(
+    layer: Layer, params: Any, state: Any, x: Any, *, key: jax.Array | None, train: bool
+) -> tuple[jax.Array, Any, Any]:
+    """Validate, then run ``layer.fwd``: the entry the back-propagation engine uses."""
+    _check_train(layer, train)
+    x, state = layer.check(params, state, x)
+    _check_key(layer, key, train)
+    return layer.fwd(params, state, x, key=key, train=train)
+
+
+def split_key(key: jax.Array | None, n: int) -> list:
+    """``n`` independent keys (``None``s when ``key`` is ``None``)."""
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n)) if n else []
+
+
+def iter_layers(layer: Layer) -> Iterator[Layer]:
+    """``layer`` and every layer nested in it, depth first."""
+    yield layer
+    for sub in layer.sublayers():
+        yield from iter_layers(sub)
+
+
+def param_count(layer: Layer, input_shape: Shape) -> int:
+    """Number of scalar parameters ``init`` would create, from shapes only."""
+    leaves = jax.tree_util.tree_leaves(layer.param_shapes(input_shape))
+    return sum(math.prod(leaf.shape) for leaf in leaves)
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers for the families
+# ---------------------------------------------------------------------------------------
+
+
+def check_init_fn(value: Any, name: str, where: str) -> None:
+    if not callable(value):
+        raise TypeError(
+            f"{where}: {name} must be an initializer (key, shape, dtype), got {value!r}"
+        )
+
+
+def check_param_dtype(value: Any, where: str) -> None:
+    try:
+        ok = jnp.issubdtype(value, jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError(f"{where}: param_dtype must be a floating dtype, got {value!r}")
+
+
+def check_bool(value: Any, name: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be True or False, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Stateless(Layer):
+    """A layer whose forward is a function of ``(params, x)`` only: implement ``_apply``."""
+
+    def forward(self, params, state, x, *, key=None, train=False):
+        return self._apply(params, x), state
+
+    def _apply(self, params: Any, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class OpLayer(Stateless):
+    """A parameter-free layer that is one op with a hand rule: ``y = op(x, **hyper)``.
+
+    Subclasses set ``op`` (a ``staticmethod``) and ``rule`` (its :class:`Rule`, whose
+    first ``diff`` argument is ``x``) and implement ``hyper()`` (the op's static keyword
+    arguments).
+    """
+
+    op: ClassVar[Callable]
+    rule: ClassVar[Rule]
+
+    def hyper(self) -> dict[str, Any]:
+        return {}
+
+    def _apply(self, params, x):
+        return type(self).op(x, **self.hyper())
+
+    def fwd(self, params, state, x, *, key=None, train=False):
+        y, res = type(self).rule.fwd(x, **self.hyper())
+        return y, state, res
+
+    def bwd(self, res, g, need_dx):
+        return (type(self).rule.bwd(res, g)[0] if need_dx else None), {}

@@ -1,0 +1,643 @@
+"""Convolution (cross-correlation, grouped or not) and the locally connected layer.
+
+Both follow the lecture's correlation ``h[m, n] = sum_{k,l} f[k, l] I[m + k, n + l]``
+(no kernel flip), summed over input channels, one output map per filter. Layout: inputs
+and outputs NHWC; conv kernels HWIO.
+
+The backward rules, for
+``y[n,i,j,o] = sum_{k,l,c} w[k,l,c,o] xp[n, i s + k d, j s + l d, c] + b[o]``:
+
+- input gradient: ``dxp[n,r,q,c] = sum_{i s + k d = r, j s + l d = q} g[n,i,j,o] w[k,l,c,o]``,
+  a *correlation of the flipped kernel with the upstream gradient dilated by the
+  stride* (the stride becomes holes in ``g``, the dilation stays on the kernel), over the
+  padded input, whose padding is then cropped off;
+- kernel gradient: ``dw[k,l,c,o] = sum_{n,i,j} xp[n, i s + k d, j s + l d, c] g[n,i,j,o]``,
+  a *correlation of the input with the upstream gradient* (the gradient is the kernel,
+  dilated by the stride; the output steps by the dilation);
+- bias gradient: ``db[o] = sum_{n,i,j} g[n,i,j,o]``.
+
+Each is one ``lax.conv_general_dilated`` with the right dimension numbers. A one-channel
+input (the first layer of an image network) is faster as ``KH * KW`` shifted
+multiply-adds, which XLA fuses into one loop; see ``BENCHMARKS.md``. A grouped
+convolution (``groups=G``) is ``G`` independent convolutions on channel slices: its rule
+applies the rule above to each group and concatenates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from funcnet import _checks
+from funcnet import geometry as geo
+from funcnet.geometry import (
+    Geometry,
+    crop_input,
+    make_geometry,
+    pad_input,
+    scatter_windows,
+    window_slices,
+)
+from funcnet.nn.base import (
+    DEFAULT_B_INIT,
+    DEFAULT_W_INIT,
+    RF,
+    Initializer,
+    Layer,
+    Rule,
+    Shape,
+    check_bool,
+    check_init_fn,
+    check_param_dtype,
+)
+
+# ---------------------------------------------------------------------------------------
+# The ops
+# ---------------------------------------------------------------------------------------
+
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_geometry(x_shape, window, stride, padding, dilation, where):
+    stride = _checks.ntuple(stride, 2, "stride", where)
+    dilation = _checks.ntuple(dilation, 2, "dilation", where)
+    padding = geo.normalize_padding(padding, 2, where)
+    pads = geo.resolve_padding(padding, x_shape[1:3], window, stride, dilation)
+    geo.check_window_fits(x_shape[1:3], window, pads, where, dilation)
+    return stride, dilation, pads
+
+
+def conv2d(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    stride: Any = 1,
+    padding: Any = "VALID",
+    dilation: Any = 1,
+    groups: int = 1,
+) -> jax.Array:
+    """2-D cross-correlation with several input channels and several filters.
+
+    ``y[n, i, j, o] = sum_{k, l, c} w[k, l, c, o] xp[n, i*s + k*d, j*s + l*d, c] + b[o]``
+    where ``xp`` is ``x`` padded, ``s`` the stride and ``d`` the dilation. With
+    ``groups = G`` the channels split into ``G`` groups and output channel ``o`` only sees
+    the input channels of its group (``c`` runs over ``C_in / G`` of them); ``G = C_in``
+    is a depthwise convolution.
+
+    Args:
+      x: ``(N, H, W, C_in)`` input.
+      w: ``(KH, KW, C_in / G, C_out)`` kernel (HWIO).
+      b: ``(C_out,)`` bias, or ``None``.
+      stride: positive int or pair (rows, cols).
+      padding: ``"VALID"``, ``"SAME"``, an int, two ints, or two ``(low, high)`` pairs.
+      dilation: positive int or pair; the kernel taps are ``d`` pixels apart.
+      groups: ``G``, dividing both ``C_in`` and ``C_out``.
+
+    Returns:
+      ``(N, H_out, W_out, C_out)`` with
+      ``H_out = floor((H + pad_lo + pad_hi - ((KH - 1) d + 1)) / s) + 1`` (same for W),
+      in the promoted dtype of ``x`` and ``w``.
+    """
+    stride, dilation, pads = check_conv2d(x, w, b, stride, padding, dilation, groups)
+    x, w = _promote(x, w)
+    y = lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=stride,
+        padding=pads,
+        rhs_dilation=dilation,
+        dimension_numbers=DIMENSION_NUMBERS,
+        feature_group_count=groups,
+    )
+    return y if b is None else y + b
+
+
+def _promote(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x`` and ``w`` in one dtype (``lax`` refuses mixed ones; e.g. a bfloat16 input)."""
+    dtype = jnp.result_type(x.dtype, w.dtype)
+    return x.astype(dtype), w.astype(dtype)
+
+
+def check_conv2d(x, w, b, stride, padding, dilation, groups=1):
+    """Validate :func:`conv2d`'s arguments; ``(stride, dilation, pads)`` normalised."""
+    where = "conv2d"
+    _checks.check_rank(x.shape, 4, "input x", where, "N, H, W, C")
+    _checks.check_rank(w.shape, 4, "kernel w", where, "KH, KW, C_in / groups, C_out")
+    groups = _checks.positive_int(groups, "groups", where)
+    if x.shape[3] != w.shape[2] * groups:
+        raise ValueError(
+            f"{where}: input x has {x.shape[3]} channels (shape {x.shape}) but kernel w "
+            f"expects {w.shape[2] * groups} (w shape {w.shape}, HWIO, groups={groups})"
+        )
+    if w.shape[3] % groups:
+        raise ValueError(
+            f"{where}: the kernel's {w.shape[3]} output channels do not divide into "
+            f"groups={groups}"
+        )
+    if b is not None and b.shape != (w.shape[3],):
+        raise ValueError(f"{where}: expected bias b of shape ({w.shape[3]},), got {b.shape}")
+    return _conv_geometry(x.shape, w.shape[:2], stride, padding, dilation, where)
+
+
+def extract_patches(
+    x: jax.Array, window: tuple[int, int], stride: Any, padding: Any, dilation: Any = 1
+) -> jax.Array:
+    """Every (dilated) window of ``x``: ``(N, H_out, W_out, KH, KW, C)``.
+
+    ``p[n, i, j, k, l, c] = xp[n, i*s + k*d, j*s + l*d, c]`` with ``xp`` the padded input.
+    """
+    where = "extract_patches"
+    _checks.check_rank(x.shape, 4, "input x", where, "N, H, W, C")
+    window = _checks.ntuple(window, 2, "window", where)
+    stride, dilation, pads = _conv_geometry(x.shape, window, stride, padding, dilation, where)
+    p = lax.conv_general_dilated_patches(
+        x,
+        filter_shape=window,
+        window_strides=stride,
+        padding=pads,
+        rhs_dilation=dilation,
+        dimension_numbers=DIMENSION_NUMBERS,
+        precision=lax.Precision.HIGHEST,
+    )
+    # Feature axis comes out channel-major: (C, KH, KW).
+    n, oh, ow, _ = p.shape
+    p = p.reshape(n, oh, ow, x.shape[3], window[0], window[1])
+    return jnp.transpose(p, (0, 1, 2, 4, 5, 3))
+
+
+def locally_connected2d(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    stride: Any = 1,
+    padding: Any = "VALID",
+    dilation: Any = 1,
+) -> jax.Array:
+    """Sparse interactions without parameter sharing: a separate filter per output position.
+
+    ``y[n, i, j, o] = sum_{k, l, c} w[i, j, k, l, c, o] xp[n, i*s + k*d, j*s + l*d, c]
+    + b[i, j, o]``: a convolution whose kernel depends on the output position ``(i, j)``.
+
+    Args:
+      x: ``(N, H, W, C_in)`` input.
+      w: ``(H_out, W_out, KH, KW, C_in, C_out)`` one HWIO kernel per output position.
+      b: ``(H_out, W_out, C_out)`` bias, or ``None``.
+      stride, padding, dilation: as in :func:`conv2d`; they determine ``H_out, W_out``,
+        which must match ``w``.
+
+    Returns:
+      ``(N, H_out, W_out, C_out)``.
+    """
+    stride, dilation, pads = check_locally_connected2d(x, w, b, stride, padding, dilation)
+    p = extract_patches(x, w.shape[2:4], stride, pads, dilation)
+    return locally_connected_from_patches(p, w, b)
+
+
+def check_locally_connected2d(x, w, b, stride, padding, dilation):
+    """Validate :func:`locally_connected2d`'s arguments; ``(stride, dilation, pads)``."""
+    where = "locally_connected2d"
+    _checks.check_rank(x.shape, 4, "input x", where, "N, H, W, C")
+    _checks.check_rank(w.shape, 6, "kernel w", where, "H_out, W_out, KH, KW, C_in, C_out")
+    if x.shape[3] != w.shape[4]:
+        raise ValueError(
+            f"{where}: input x has {x.shape[3]} channels (shape {x.shape}) but kernel w "
+            f"expects {w.shape[4]} (w shape {w.shape})"
+        )
+    window = w.shape[2:4]
+    stride, dilation, pads = _conv_geometry(x.shape, window, stride, padding, dilation, where)
+    out_hw = geo.conv_output_size(x.shape[1:3], window, stride, pads, dilation)
+    if tuple(w.shape[:2]) != out_hw:
+        raise ValueError(
+            f"{where}: this input, window, stride and padding give {out_hw} output "
+            f"positions but w has kernels for {tuple(w.shape[:2])}"
+        )
+    if b is not None and b.shape != (*out_hw, w.shape[5]):
+        raise ValueError(
+            f"{where}: expected bias b of shape {(*out_hw, w.shape[5])}, got {b.shape}"
+        )
+    return stride, dilation, pads
+
+
+def locally_connected_from_patches(p: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    """``y[n,i,j,o] = sum_{k,l,c} p[n,i,j,k,l,c] w[i,j,k,l,c,o] + b[i,j,o]``."""
+    y = jnp.einsum("nijklc,ijklco->nijo", p, w)
+    return y if b is None else y + b
+
+
+
+# ---------------------------------------------------------------------------------------
+# Their rules
+# ---------------------------------------------------------------------------------------
+
+
+DN = DIMENSION_NUMBERS
+
+
+def conv_geometry(x_shape, window, stride, padding, dilation, where) -> Geometry:
+    stride, dilation, pads = _conv_geometry(x_shape, window, stride, padding, dilation, where)
+    return make_geometry(x_shape[1:3], window, stride, dilation, pads)
+
+
+# ---------------------------------------------------------------------------------------
+# conv2d
+# ---------------------------------------------------------------------------------------
+
+
+class Conv2dResiduals(NamedTuple):
+    x: jax.Array  # (N, H, W, C_in), unpadded
+    w: jax.Array  # (KH, KW, C_in, C_out)
+    b: jax.Array | None  # (C_out,) or None
+    geom: Geometry  # static
+
+
+def _shifted_mac(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array:
+    """Forward of a one-input-channel conv as ``sum_{k,l} slice_{k,l}(xp) * w[k,l,0,:]``."""
+    xp = pad_input(x, geom)
+    kw = geom.window[1]
+    y = None
+    for i, part in enumerate(window_slices(xp, geom)):
+        term = part * w[i // kw, i % kw, 0]
+        y = term if y is None else y + term
+    return y
+
+
+def conv2d_fwd(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    stride: Any = 1,
+    padding: Any = "VALID",
+    dilation: Any = 1,
+    groups: int = 1,
+):
+    """``(conv2d(x, w, b, ...), residuals)``; validates as :func:`conv2d`."""
+    stride, dilation, pads = check_conv2d(x, w, b, stride, padding, dilation, groups)
+    x, w = _promote(x, w)
+    geom = make_geometry(x.shape[1:3], w.shape[:2], stride, dilation, pads, groups)
+    if x.shape[3] == 1:  # one input channel: shifted multiply-adds beat lax here
+        y = _shifted_mac(x, w, geom)
+        y = y if b is None else y + b
+    else:
+        y = conv2d(x, w, b, stride, pads, dilation, groups)
+    return y, Conv2dResiduals(x, w, b, geom)
+
+
+def _groups(res: Conv2dResiduals, g: jax.Array):
+    """Per group: ``(residuals, g)`` of an ungrouped convolution on its channel slices."""
+    n_groups = res.geom.groups
+    c_in, c_out = res.x.shape[3] // n_groups, res.w.shape[3] // n_groups
+    geom = dataclasses.replace(res.geom, groups=1)
+    for i in range(n_groups):
+        xi = res.x[..., i * c_in : (i + 1) * c_in]
+        wi = res.w[..., i * c_out : (i + 1) * c_out]
+        yield Conv2dResiduals(xi, wi, None, geom), g[..., i * c_out : (i + 1) * c_out]
+
+
+#: Kernels with at most this many taps take the matmul + scatter input gradient.
+SCATTER_MAX_TAPS = 25
+
+
+def conv2d_input_grad(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
+    """``dL/dx``, ``(N, H, W, C_in)``; the faster of two exact formulations per shape."""
+    if res.geom.groups > 1:
+        return jnp.concatenate([conv2d_input_grad(r, gi) for r, gi in _groups(res, g)], axis=3)
+    if res.geom.window[0] * res.geom.window[1] <= SCATTER_MAX_TAPS:
+        return input_grad_scatter(res, g)
+    return input_grad_correlation(res, g)
+
+
+def input_grad_scatter(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
+    """``dL/dx`` as one matmul ``g w[k,l]^T`` for all taps, scattered back per tap.
+
+    ``dxp[n, i s + k d, j s + l d, c] += sum_o g[n,i,j,o] w[k,l,c,o]``. On XLA:CPU this
+    beats the transposed convolution for small kernels (LeNet: 2.0 vs 4.4 ms).
+    """
+    geom = res.geom
+    kh, kw, c_in, c_out = res.w.shape
+    taps = jnp.einsum("nijo,pco->nijpc", g, res.w.reshape(kh * kw, c_in, c_out))
+    parts = [taps[:, :, :, p] for p in range(kh * kw)]
+    return crop_input(scatter_windows(parts, geom), geom)
+
+
+def input_grad_correlation(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
+    """``dL/dx`` as a correlation of the flipped kernel with ``g`` dilated by the stride."""
+    geom = res.geom
+    hp, wp = geom.padded_hw
+    pads = []
+    for axis in range(2):
+        k_eff = (geom.window[axis] - 1) * geom.dilation[axis] + 1
+        reach = (geom.out_hw[axis] - 1) * geom.stride[axis] + k_eff  # last padded pixel read
+        extra = (hp, wp)[axis] - reach  # padded pixels past the last window: gradient 0
+        lo, hi = geom.pads[axis]
+        # A full correlation pads k_eff - 1 on both sides; cropping the input's padding
+        # off at the same time makes these negative where the padding exceeds that.
+        pads.append((k_eff - 1 - lo, k_eff - 1 + extra - hi))
+    w_flipped = jnp.swapaxes(res.w[::-1, ::-1], 2, 3)  # (KH, KW, C_out, C_in)
+    return lax.conv_general_dilated(
+        g,
+        w_flipped,
+        window_strides=(1, 1),
+        padding=pads,
+        lhs_dilation=geom.stride,
+        rhs_dilation=geom.dilation,
+        dimension_numbers=DN,
+    )
+
+
+def conv2d_kernel_grad(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
+    """``dL/dw``, ``(KH, KW, C_in, C_out)``: correlation of the input with ``g``."""
+    # (im2col + einsum measured 1.5-4x slower on XLA:CPU for LeNet's shapes.)
+    if res.geom.groups > 1:
+        return jnp.concatenate([conv2d_kernel_grad(r, gi) for r, gi in _groups(res, g)], axis=3)
+    geom = res.geom
+    pads = []
+    for axis in range(2):
+        k_eff = (geom.window[axis] - 1) * geom.dilation[axis] + 1
+        reach = (geom.out_hw[axis] - 1) * geom.stride[axis] + k_eff
+        extra = geom.padded_hw[axis] - reach
+        lo, hi = geom.pads[axis]
+        pads.append((lo, hi - extra))
+    # Batch axis of x becomes the contracted feature axis, its channels the "batch".
+    return lax.conv_general_dilated(
+        res.x,
+        g,
+        window_strides=geom.dilation,
+        padding=pads,
+        rhs_dilation=geom.stride,
+        dimension_numbers=("CHWN", "IHWO", "HWNC"),
+    )
+
+
+def conv2d_bwd(res: Conv2dResiduals, g: jax.Array):
+    """``(dL/dx, dL/dw, dL/db)`` for upstream ``g`` of shape ``(N, H_out, W_out, C_out)``."""
+    db = None if res.b is None else jnp.sum(g, axis=(0, 1, 2))
+    return conv2d_input_grad(res, g), conv2d_kernel_grad(res, g), db
+
+
+# ---------------------------------------------------------------------------------------
+# extract_patches and locally connected
+# ---------------------------------------------------------------------------------------
+
+
+class PatchesResiduals(NamedTuple):
+    geom: Geometry  # static; the backward pass needs no arrays
+
+
+def _patches_geometry(x, window, stride, padding, dilation):
+    window = tuple(int(k) for k in ((window, window) if isinstance(window, int) else window))
+    return conv_geometry(x.shape, window, stride, padding, dilation, "extract_patches")
+
+
+def extract_patches_fwd(x: jax.Array, window: Any, stride: Any, padding: Any, dilation: Any = 1):
+    """``(extract_patches(x, ...), residuals)``: patches ``(N, H_out, W_out, KH, KW, C)``."""
+    p = extract_patches(x, window, stride, padding, dilation)
+    geom = _patches_geometry(x, window, stride, padding, dilation)
+    return p, PatchesResiduals(geom)
+
+
+def patches_input_grad(geom: Geometry, dp: jax.Array) -> jax.Array:
+    """Scatter-add patch gradients ``(N, H_out, W_out, KH, KW, C)`` back onto the input."""
+    kh, kw = geom.window
+    parts = [dp[:, :, :, k, l, :] for k in range(kh) for l in range(kw)]
+    return crop_input(scatter_windows(parts, geom), geom)
+
+
+def extract_patches_bwd(res: PatchesResiduals, g: jax.Array):
+    """``(dL/dx,)``: each input pixel collects the gradient of every patch it appears in."""
+    return (patches_input_grad(res.geom, g),)
+
+
+class LocallyConnectedResiduals(NamedTuple):
+    patches: jax.Array  # (N, H_out, W_out, KH, KW, C_in)
+    w: jax.Array  # (H_out, W_out, KH, KW, C_in, C_out)
+    b: jax.Array | None
+    geom: Geometry
+
+
+def locally_connected2d_fwd(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    stride: Any = 1,
+    padding: Any = "VALID",
+    dilation: Any = 1,
+):
+    """``(locally_connected2d(x, w, b, ...), residuals)``."""
+    stride, dilation, pads = check_locally_connected2d(x, w, b, stride, padding, dilation)
+    geom = make_geometry(x.shape[1:3], w.shape[2:4], stride, dilation, pads)
+    p = extract_patches(x, geom.window, stride, pads, dilation)  # once: output and residual
+    return locally_connected_from_patches(p, w, b), LocallyConnectedResiduals(p, w, b, geom)
+
+
+def locally_connected2d_bwd(res: LocallyConnectedResiduals, g: jax.Array):
+    """``(dL/dx, dL/dw, dL/db)``: per-position dense layers, then the patch scatter.
+
+    ``dw[i,j,k,l,c,o] = sum_n p[n,i,j,k,l,c] g[n,i,j,o]``,
+    ``dp[n,i,j,k,l,c] = sum_o g[n,i,j,o] w[i,j,k,l,c,o]``, ``db[i,j,o] = sum_n g[n,i,j,o]``.
+    """
+    hi = lax.Precision.HIGHEST
+    dw = jnp.einsum("nijklc,nijo->ijklco", res.patches, g, precision=hi)
+    dp = jnp.einsum("nijo,ijklco->nijklc", g, res.w, precision=hi)
+    db = None if res.b is None else jnp.sum(g, axis=0)
+    return patches_input_grad(res.geom, dp), dw, db
+
+
+RULES = {
+    conv2d: Rule(conv2d_fwd, conv2d_bwd, ("x", "w", "b")),
+    extract_patches: Rule(extract_patches_fwd, extract_patches_bwd, ("x",)),
+    locally_connected2d: Rule(
+        locally_connected2d_fwd, locally_connected2d_bwd, ("x", "w", "b")
+    ),
+}
+
+
+
+# ---------------------------------------------------------------------------------------
+# The layers
+# ---------------------------------------------------------------------------------------
+
+# Locally connected kernels (H_out, W_out, KH, KW, C_in, C_out): fan-in is KH * KW * C_in.
+LOCAL_W_INIT: Initializer = jax.nn.initializers.lecun_normal(
+    in_axis=(2, 3, 4), out_axis=5, batch_axis=(0, 1)
+)
+
+
+def real_taps(n_in: int, n_out: int, k: int, s: int, d: int, lo: int) -> int:
+    """Kernel taps, summed over the ``n_out`` outputs of one axis, on real input pixels."""
+    total = 0
+    for i in range(n_out):
+        first = i * s - lo
+        total += sum(1 for t in range(k) if 0 <= first + t * d < n_in)
+    return total
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Windowed(Layer):
+    """Shared geometry of conv-like layers on NHWC inputs."""
+
+    convolutional = True
+
+    features: int
+    kernel_size: Any
+    stride: Any = 1
+    padding: Any = "VALID"
+    dilation: Any = 1
+    use_bias: bool = True
+    w_init: Initializer = DEFAULT_W_INIT
+    b_init: Initializer = DEFAULT_B_INIT
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        where = type(self).__name__
+        set_ = object.__setattr__
+        set_(self, "features", _checks.positive_int(self.features, "features", where))
+        set_(self, "kernel_size", _checks.ntuple(self.kernel_size, 2, "kernel_size", where))
+        set_(self, "stride", _checks.ntuple(self.stride, 2, "stride", where))
+        set_(self, "dilation", _checks.ntuple(self.dilation, 2, "dilation", where))
+        set_(self, "padding", geo.normalize_padding(self.padding, 2, where))
+        check_bool(self.use_bias, "use_bias", where)
+        check_init_fn(self.w_init, "w_init", where)
+        check_init_fn(self.b_init, "b_init", where)
+        check_param_dtype(self.param_dtype, where)
+
+    def pads(self, input_shape: Shape) -> geo.PadPairs:
+        """Explicit ``((top, bottom), (left, right))`` padding for this input."""
+        return geo.resolve_padding(
+            self.padding, input_shape[:2], self.kernel_size, self.stride, self.dilation
+        )
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        where = repr(self)
+        shape = _checks.input_shape_tuple(input_shape, where)
+        _checks.check_rank(shape, 3, "input_shape", where, "H, W, C; no batch dimension")
+        pads = self.pads(shape)
+        geo.check_window_fits(shape[:2], self.kernel_size, pads, where, self.dilation)
+        out = geo.conv_output_size(shape[:2], self.kernel_size, self.stride, pads, self.dilation)
+        return (*out, self.features)
+
+    def _taps(self, input_shape: Shape) -> int:
+        out = self.output_shape(input_shape)
+        pads = self.pads(input_shape)
+        taps = 1
+        for ax in range(2):
+            taps *= real_taps(input_shape[ax], out[ax], self.kernel_size[ax], self.stride[ax],
+                              self.dilation[ax], pads[ax][0])
+        return taps
+
+    def receptive_field(self, input_shape: Shape, rf: RF) -> RF:
+        k_eff = geo.effective_window(self.kernel_size, self.dilation)
+        return rf.window(k_eff, self.stride, self.pads(input_shape))
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Conv(_Windowed):
+    """2-D convolution (cross-correlation, as the lecture) with ``features`` filters.
+
+    Params: ``w`` of shape ``(KH, KW, C_in / groups, features)`` (HWIO), ``b`` of shape
+    ``(features,)``. Input ``(N, H, W, C_in)`` -> ``(N, H_out, W_out, features)``.
+    Padding: ``"VALID"``, ``"SAME"``, an int, two ints or two ``(low, high)`` pairs.
+    ``groups=G`` splits the channels into ``G`` independent convolutions (AlexNet's two
+    towers: ``G = 2``; depthwise: ``G = C_in``); ``G`` must divide ``C_in`` and
+    ``features``. An input of another floating dtype than the params (bfloat16,
+    float16) is computed in the promoted dtype.
+
+    FLOPs: ``2 * (C_in / G) * features`` per kernel tap that lands on a real input pixel
+    (taps on the zero padding are not counted, as XLA does not count them), plus one add
+    per output for the bias.
+    """
+
+    groups: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        where = type(self).__name__
+        object.__setattr__(self, "groups", _checks.positive_int(self.groups, "groups", where))
+        if self.features % self.groups:
+            raise ValueError(
+                f"{where}: features={self.features} is not divisible by groups={self.groups}"
+            )
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        out = super().output_shape(input_shape)
+        if input_shape[2] % self.groups:
+            raise ValueError(
+                f"{self!r}: the input's {input_shape[2]} channels are not divisible by "
+                f"groups={self.groups} (input shape {tuple(input_shape)})"
+            )
+        return out
+
+    def param_specs(self, input_shape: Shape) -> dict[str, Shape]:
+        self.output_shape(input_shape)
+        specs = {"w": (*self.kernel_size, tuple(input_shape)[2] // self.groups, self.features)}
+        if self.use_bias:
+            specs["b"] = (self.features,)
+        return specs
+
+    def _hyper(self):
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
+                "groups": self.groups}
+
+    def forward(self, params, state, x, *, key=None, train=False):
+        return conv2d(x, params["w"], params.get("b"), **self._hyper()), state
+
+    def fwd(self, params, state, x, *, key=None, train=False):
+        y, res = conv2d_fwd(x, params["w"], params.get("b"), **self._hyper())
+        return y, state, res
+
+    def bwd(self, res, g, need_dx):
+        dw = conv2d_kernel_grad(res, g)
+        dx = conv2d_input_grad(res, g) if need_dx else None
+        grads = {"w": dw} if res.b is None else {"w": dw, "b": jnp.sum(g, axis=(0, 1, 2))}
+        return dx, grads
+
+    def flops(self, input_shape: Shape) -> tuple[int, int]:
+        out = self.output_shape(input_shape)
+        bias = out[0] * out[1] * self.features if self.use_bias else 0
+        per_tap = 2 * (input_shape[2] // self.groups) * self.features
+        return self._taps(input_shape) * per_tap + bias, 0
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class LocallyConnected(_Windowed):
+    """Sparse interactions without parameter sharing: an own filter at each output position.
+
+    Params: ``w`` of shape ``(H_out, W_out, KH, KW, C_in, features)``, ``b`` of shape
+    ``(H_out, W_out, features)``. Shapes otherwise as :class:`Conv`. Default ``w_init``
+    is LeCun-normal with fan-in ``KH * KW * C_in``. FLOPs are counted as for ``Conv``
+    (the maths, not the patch-extraction implementation, which XLA counts as more).
+    """
+
+    w_init: Initializer = LOCAL_W_INIT
+
+    def param_specs(self, input_shape: Shape) -> dict[str, Shape]:
+        out = self.output_shape(input_shape)
+        c_in = tuple(input_shape)[2]
+        specs = {"w": (out[0], out[1], *self.kernel_size, c_in, self.features)}
+        if self.use_bias:
+            specs["b"] = out
+        return specs
+
+    def forward(self, params, state, x, *, key=None, train=False):
+        y = locally_connected2d(
+            x, params["w"], params.get("b"), self.stride, self.padding, self.dilation
+        )
+        return y, state
+
+    def fwd(self, params, state, x, *, key=None, train=False):
+        y, res = locally_connected2d_fwd(
+            x, params["w"], params.get("b"), self.stride, self.padding, self.dilation
+        )
+        return y, state, res
+
+    def bwd(self, res, g, need_dx):
+        dx, dw, db = locally_connected2d_bwd(res, g)
+        return (dx if need_dx else None), ({"w": dw} if db is None else {"w": dw, "b": db})
+
+    def flops(self, input_shape: Shape) -> tuple[int, int]:
+        out = self.output_shape(input_shape)
+        bias = out[0] * out[1] * self.features if self.use_bias else 0
+        return self._taps(input_shape) * 2 * input_shape[2] * self.features + bias, 0
