@@ -77,6 +77,8 @@ class Reshape(OpLayer):
     one ``-1``, inferred from the input's size (as ``numpy.reshape``)."""
 
     shape: Any
+    op = staticmethod(reshape)
+    rule = RULES[reshape]
 
     def __post_init__(self):
         shape = self.shape
