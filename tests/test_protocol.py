@@ -100,6 +100,9 @@ def test_conformance(cls):
             # the hand rule: same forward, and its backward equals jax.vjp of the forward
             ym, sm, res = rule_forward(layer, params, state, x, key=key, train=train)
             np.testing.assert_allclose(ym, y, rtol=1e-12, atol=1e-12)
+            for a, b in zip(jax.tree_util.tree_leaves(sm),
+                            jax.tree_util.tree_leaves(new_state), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
             g = jax.random.normal(jax.random.key(3), y.shape, jnp.float64)
             dx, dp = layer.bwd(res, g, True)
             _, vjp_fn = jax.vjp(lambda p, x, t=train: layer.forward(
