@@ -70,9 +70,13 @@ def input_shape_tuple(input_shape: Any, where: str) -> tuple[int, ...]:
 def check_rank(shape: Sequence[int], rank: int, what: str, where: str, layout: str = "") -> None:
     if len(shape) != rank:
         lay = f" ({layout})" if layout else ""
+        hint = ""
+        if what == "input_shape" and len(shape) == rank + 1:
+            hint = (f"; did you include the batch dimension? input_shape excludes it: "
+                    f"use {tuple(shape)[1:]}")
         raise ValueError(
             f"{where}: expected {what} of rank {rank}{lay}, got shape {tuple(shape)} "
-            f"of rank {len(shape)}"
+            f"of rank {len(shape)}{hint}"
         )
 
 

@@ -278,6 +278,11 @@ def test_apply_refuses_a_network_with_state_and_names_the_alternative():
     assert float(s1[1]["n"]) == 1.0 and float(s2[1]["n"]) == 1.0
 
 
+def test_init_with_the_batch_dimension_says_so():
+    with pytest.raises(ValueError, match=r"did you include the batch dimension\? .* \(28, 28, 1\)"):
+        fn.models.lenet5().init(jax.random.key(0), (32, 28, 28, 1))
+
+
 def test_bad_train_flag_key_and_state_name_the_layer():
     net = fn.Serial([fn.Dense(2)])
     params = net.init(jax.random.key(0), (3,))
