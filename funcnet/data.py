@@ -70,11 +70,13 @@ def check_labels(y: Any, num_classes: int | None = None, where: str = "labels") 
 
 
 def check_dataset(
-    x: Any, y: Any, num_classes: int | None = None, where: str = "data"
+    x: Any, y: Any, num_classes: int | None = None, where: str = "data",
+    integer_x: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validate a data set before any training; return ``(x, y)`` as numpy arrays.
 
-    ``x``: ``(N, ...)`` floating and finite. ``y``: ``(N,)`` integer labels in
+    ``x``: ``(N, ...)`` floating and finite (integer with ``integer_x``: ids for a network
+    that starts with an ``Embedding``). ``y``: ``(N,)`` integer labels in
     ``[0, num_classes)``, or a floating target array with ``N`` rows.
     """
     x = np.asarray(x)
@@ -90,12 +92,18 @@ def check_dataset(
         )
     if x.shape[0] == 0:
         raise ValueError(f"{where}: the data set is empty (x shape {x.shape})")
-    if not np.issubdtype(x.dtype, np.floating):
+    if integer_x:
+        if not np.issubdtype(x.dtype, np.integer):
+            raise TypeError(
+                f"{where}: the network's first layer takes integer input (ids), got x of "
+                f"dtype {x.dtype}"
+            )
+    elif not np.issubdtype(x.dtype, np.floating):
         raise TypeError(
             f"{where}: x must have a floating dtype (e.g. float32), got {x.dtype}; "
             f"convert it with x.astype(np.float32)"
         )
-    if not np.all(np.isfinite(x)):
+    elif not np.all(np.isfinite(x)):
         bad = int(np.argwhere(~np.isfinite(x.reshape(x.shape[0], -1)))[0, 0])
         raise ValueError(f"{where}: x contains non-finite values (first at example {bad})")
     if np.issubdtype(y.dtype, np.integer):

@@ -17,6 +17,9 @@ from funcnet.nn.base import (
 )
 from funcnet.nn.conv import LOCAL_W_INIT, Conv, LocallyConnected
 from funcnet.nn.dense import Dense
+from funcnet.nn.dropout import Dropout
+from funcnet.nn.embedding import Embedding
+from funcnet.nn.normalization import BatchNorm, LayerNorm, LocalResponseNorm
 from funcnet.nn.pool import (
     AvgPool,
     FeatureL2Pool,
@@ -35,8 +38,11 @@ __all__ = [
     "RF",
     "Activation",
     "AvgPool",
+    "BatchNorm",
     "Conv",
     "Dense",
+    "Dropout",
+    "Embedding",
     "FeatureL2Pool",
     "FeatureMaxPool",
     "Flatten",
@@ -44,6 +50,8 @@ __all__ = [
     "Initializer",
     "L2Pool",
     "Layer",
+    "LayerNorm",
+    "LocalResponseNorm",
     "LocallyConnected",
     "LogSoftmax",
     "LpPool",

@@ -546,6 +546,10 @@ def _num_classes(net: Any, x: np.ndarray) -> int | None:
     return out[-1] if len(out) == 1 else None
 
 
+def _takes_integers(net: Any) -> bool:
+    return isinstance(net, Layer) and net.takes_integers()
+
+
 def _model_state(net: Any, state: Any, input_shape, where: str) -> Any:
     """``state`` checked against the network's, or its initial state when ``None``."""
     if state is None:
@@ -600,7 +604,8 @@ def evaluate(
     argmax of one-hot targets); ``None`` when ``y`` is neither.
     """
     batch_size = _positive_int(batch_size, "evaluate: batch_size")
-    x, y = _data.check_dataset(x, y, _num_classes(net, np.asarray(x)), where="evaluate")
+    x, y = _data.check_dataset(x, y, _num_classes(net, np.asarray(x)), where="evaluate",
+                               integer_x=_takes_integers(net))
     out_shape = tuple(net.output_shape(tuple(x.shape[1:])))
     bs = min(batch_size, x.shape[0])
     idx, w = epoch_batches(jax.random.key(0), x.shape[0], bs, shuffle=False)
@@ -726,13 +731,15 @@ def fit(
     mode = choose_epoch_mode(net, epoch_mode)
 
     x_np = np.asarray(x)
-    x_np, y_np = _data.check_dataset(x_np, y, _num_classes(net, x_np), where="fit: training data")
+    x_np, y_np = _data.check_dataset(x_np, y, _num_classes(net, x_np), where="fit: training data",
+                                     integer_x=_takes_integers(net))
     if validation_data is not None:
         if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
             raise TypeError("fit: validation_data must be a pair (x_val, y_val)")
         xv, yv = _data.check_dataset(
             np.asarray(validation_data[0]), validation_data[1],
             _num_classes(net, np.asarray(validation_data[0])), where="fit: validation_data",
+            integer_x=_takes_integers(net),
         )
     out_shape = tuple(net.output_shape(tuple(x_np.shape[1:])))
     check_params(net, params if state is None else state.params, x_np.shape[1:])

@@ -244,6 +244,12 @@ class Layer:
         """The layers a combinator is made of (``()`` for a leaf layer)."""
         return ()
 
+    def takes_integers(self) -> bool:
+        """Whether the input is integer (Embedding); ``fit`` and ``evaluate`` then accept
+        integer ``x``."""
+        first = next(iter(self.sublayers()), None)
+        return False if first is None else first.takes_integers()
+
     # -- parameters ----------------------------------------------------------------------
     def param_specs(self, input_shape: Shape) -> dict[str, Shape]:
         """Name -> shape of each parameter for this input shape (validated); no allocation."""

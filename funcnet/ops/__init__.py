@@ -8,6 +8,14 @@ from funcnet.nn import activation, conv, pool  # noqa: F401 - the family modules
 from funcnet.nn.activation import log_softmax, relu, sigmoid, softmax, tanh
 from funcnet.nn.conv import conv2d, extract_patches, locally_connected2d
 from funcnet.nn.dense import dense
+from funcnet.nn.dropout import dropout
+from funcnet.nn.embedding import embedding
+from funcnet.nn.normalization import (
+    batch_norm_eval,
+    batch_norm_train,
+    layer_norm,
+    local_response_norm,
+)
 from funcnet.nn.pool import (
     avg_pool,
     feature_l2_pool,
@@ -22,14 +30,20 @@ from funcnet.nn.reshape import flatten, reshape
 
 __all__ = [
     "avg_pool",
+    "batch_norm_eval",
+    "batch_norm_train",
     "conv2d",
     "dense",
+    "dropout",
+    "embedding",
     "extract_patches",
     "feature_l2_pool",
     "feature_max_pool",
     "flatten",
     "global_avg_pool",
     "l2_pool",
+    "layer_norm",
+    "local_response_norm",
     "locally_connected2d",
     "log_softmax",
     "lp_pool",

@@ -15,7 +15,18 @@ Each family module (:mod:`funcnet.nn.conv`, ...) holds its ops' rule pairs in th
   ``grad Omega`` of the lecture's update ``Delta = -grad l - lambda grad Omega``.
 """
 
-from funcnet.nn import activation, conv, dense, losses, pool, regularizers, reshape
+from funcnet.nn import (
+    activation,
+    conv,
+    dense,
+    dropout,
+    embedding,
+    losses,
+    normalization,
+    pool,
+    regularizers,
+    reshape,
+)
 from funcnet.nn.base import Rule
 from funcnet.vjp import gates
 from funcnet.vjp.network import (
@@ -34,10 +45,13 @@ __all__ = [
     "activation",
     "conv",
     "dense",
+    "dropout",
+    "embedding",
     "gates",
     "layer_rule",
     "losses",
     "manual",
+    "normalization",
     "pool",
     "regularizer_value_and_grad",
     "regularizers",

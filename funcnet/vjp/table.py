@@ -11,12 +11,24 @@ from typing import Any
 
 import jax
 
-from funcnet.nn import activation, conv, dense, losses, pool, regularizers, reshape
+from funcnet.nn import (
+    activation,
+    conv,
+    dense,
+    dropout,
+    embedding,
+    losses,
+    normalization,
+    pool,
+    regularizers,
+    reshape,
+)
 from funcnet.nn.base import Rule
 from funcnet.vjp import gates
 
 #: The families whose ``RULES`` make up the table (a new family adds itself here).
-FAMILIES = [dense, conv, pool, activation, reshape, losses, regularizers, gates]
+FAMILIES = [dense, conv, pool, activation, reshape, normalization, dropout, embedding, losses,
+            regularizers, gates]
 
 #: Every op of :mod:`funcnet.ops`, every loss, regularizer and lecture gate -> its rule.
 RULES: dict[Callable, Rule] = {op: rule for family in FAMILIES for op, rule in family.RULES.items()}
