@@ -1,0 +1,99 @@
+"""Training a network with state and randomness: a ResNet-style block with BatchNorm and
+Dropout trains with fit on the digits in both gradient modes; the running statistics move
+in training and not in evaluation; each step draws a fresh Dropout key."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import funcnet as fn
+from funcnet import train
+
+
+def resnet_block_net():
+    block = fn.Serial([fn.Conv(8, 3, padding="SAME", use_bias=False), fn.BatchNorm(),
+                       fn.ReLU(), fn.Dropout(0.1),
+                       fn.Conv(8, 3, padding="SAME", use_bias=False), fn.BatchNorm()])
+    return fn.Serial([
+        fn.Conv(8, 3, padding="SAME", use_bias=False), fn.BatchNorm(), fn.ReLU(),
+        fn.Residual(block), fn.ReLU(),
+        fn.Residual(fn.Serial([fn.Conv(12, 3, stride=2, padding="SAME"), fn.BatchNorm()]),
+                    shortcut=fn.Conv(12, 1, stride=2)),
+        fn.ReLU(), fn.GlobalAvgPool(), fn.Dropout(0.2), fn.Dense(10),
+    ])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return fn.data.digits()
+
+
+@pytest.mark.parametrize("grad", ["autodiff", "manual"])
+def test_resnet_block_with_batchnorm_and_dropout_trains_on_digits(digits, grad):
+    net = resnet_block_net()
+    params = net.init(jax.random.key(0), (8, 8, 1))
+    state0 = net.init_state((8, 8, 1))
+    result = train.fit(net, params, digits.x_train, digits.y_train, grad=grad, epochs=2,
+                       batch_size=32, optimizer=optax.adam(1e-2), progress=False,
+                       validation_data=(digits.x_test, digits.y_test))
+    h = result.history
+    assert h["val_loss"][1] < h["val_loss"][0] and h["val_accuracy"][-1] > 0.6, h
+    # the running statistics of every BatchNorm moved away from (0, 1) in training
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(state0),
+                                                    jax.tree_util.tree_leaves(result.model_state),
+                                                    strict=True)]
+    assert len(moved) == 2 * 4 and all(moved)
+    # evaluation leaves them alone, and evaluate uses them
+    out, after = net.apply_with_state(result.params, result.model_state, digits.x_test)
+    for a, b in zip(jax.tree_util.tree_leaves(after),
+                    jax.tree_util.tree_leaves(result.model_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    _, acc = train.evaluate(net, result.params, digits.x_test, digits.y_test,
+                            state=result.model_state)
+    assert acc == pytest.approx(float(jnp.mean(jnp.argmax(out, -1) == digits.y_test)))
+    assert acc == result.history["val_accuracy"][-1]
+
+
+def test_both_gradient_modes_take_the_same_steps_with_state_and_dropout(digits):
+    net = resnet_block_net()
+    params = net.init(jax.random.key(1), (8, 8, 1))
+    x, y = digits.x_train[:96], digits.y_train[:96]
+    states = {}
+    for grad in ("autodiff", "manual"):
+        step = train.make_step(net, fn.losses.softmax_cross_entropy, optax.sgd(0.05),
+                               grad=grad, seed=3)
+        state = train.init_state(params, optax.sgd(0.05), net.init_state((8, 8, 1)))
+        for i in range(3):
+            state, _ = step(state, x[32 * i:32 * (i + 1)], y[32 * i:32 * (i + 1)])
+        states[grad] = state
+    for a, b in zip(jax.tree_util.tree_leaves(states["autodiff"]),
+                    jax.tree_util.tree_leaves(states["manual"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_every_step_draws_a_fresh_dropout_key():
+    net = fn.Serial([fn.Dropout(0.5)])
+    seen = []
+
+    def loss(out, y):
+        return jnp.mean((out - y) ** 2)
+
+    # a one-parameter model: y = Dropout(w * x); the gradient shows the mask
+    wnet = fn.Serial([fn.Dense(8, use_bias=False), net])
+    params = wnet.init(jax.random.key(0), (1,))
+    step = train.make_step(wnet, loss, optax.sgd(0.0), donate=False, seed=0)
+    state = train.init_state(params, optax.sgd(0.0))
+    x, y = jnp.ones((1, 1)), jnp.zeros((1, 8))
+    for _ in range(3):
+        new, _ = step(state, x, y)
+        seen.append(new)
+        state = new._replace(params=state.params)
+    masks = []
+    for i in range(3):
+        key = jax.random.fold_in(train.step_keys(0), i)
+        out = wnet.apply(params, x, key=key, train=True)
+        masks.append(np.asarray(out != 0))
+    assert not (np.array_equal(masks[0], masks[1]) and np.array_equal(masks[1], masks[2]))
+    assert [int(s.step) for s in seen] == [1, 2, 3]
