@@ -97,3 +97,29 @@ def test_every_step_draws_a_fresh_dropout_key():
         masks.append(np.asarray(out != 0))
     assert not (np.array_equal(masks[0], masks[1]) and np.array_equal(masks[1], masks[2]))
     assert [int(s.step) for s in seen] == [1, 2, 3]
+
+
+def test_scanned_and_looped_epochs_agree_with_state_and_dropout(digits):
+    net = fn.Serial([fn.Flatten(), fn.Dense(32), fn.BatchNorm(), fn.ReLU(), fn.Dropout(0.3),
+                     fn.Dense(10)])
+    params = net.init(jax.random.key(0), (8, 8, 1))
+    x, y = digits.x_train[:200], digits.y_train[:200]  # 200 = 3 * 64 + 8: a padded batch
+    runs = {mode: train.fit(net, params, x, y, epochs=2, batch_size=64, epoch_mode=mode,
+                            optimizer=optax.sgd(0.1), progress=False, seed=5)
+            for mode in ("loop", "scan")}
+    for a, b in zip(jax.tree_util.tree_leaves(runs["loop"].state),
+                    jax.tree_util.tree_leaves(runs["scan"].state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(runs["scan"].model_state[2]["var"], 1.0)
+
+
+def test_graph_and_summary_of_a_network_with_state():
+    net = resnet_block_net()
+    s = fn.summary(net, (8, 8, 1))
+    assert s.total_state == 2 * (8 + 8 + 8 + 12)  # mean and var of every BatchNorm
+    compiled = fn.graph.compile(net, (8, 8, 1), batch=2)
+    params = net.init(jax.random.key(0), (8, 8, 1))
+    state = net.init_state((8, 8, 1))
+    x = jnp.ones((2, 8, 8, 1))
+    np.testing.assert_allclose(compiled(params, state, x),
+                               net.apply_with_state(params, state, x)[0], rtol=1e-5, atol=1e-6)
