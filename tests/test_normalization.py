@@ -537,7 +537,7 @@ def test_flops_and_receptive_field():
 def test_repr_shows_non_defaults():
     assert repr(BatchNorm()) == "BatchNorm()"
     assert repr(BatchNorm(momentum=0.01, use_bias=False)) == (
-        "BatchNorm(momentum=0.01, use_bias=False)"
+        "BatchNorm(use_bias=False, momentum=0.01)"
     )
     assert repr(LocalResponseNorm(3)) == "LocalResponseNorm(size=3)"
     assert hash(LayerNorm(epsilon=1e-6)) == hash(LayerNorm(epsilon=1e-6))

@@ -496,7 +496,35 @@ def _affine_grads(dscale, dbias) -> dict[str, jax.Array]:
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class BatchNorm(Layer):
+class _AffineNorm(Layer):
+    """What BatchNorm and LayerNorm share: ``epsilon``, an optional learned affine map
+    ``y = scale * x_hat + bias`` over the last axis (params ``scale`` ones and ``bias``
+    zeros, each ``(C,)``), and the input check."""
+
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        where = type(self).__name__
+        object.__setattr__(self, "epsilon", _positive(self.epsilon, "epsilon", where))
+        check_bool(self.use_scale, "use_scale", where)
+        check_bool(self.use_bias, "use_bias", where)
+        check_param_dtype(self.param_dtype, where)
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        return _feature_shape(self, input_shape)
+
+    def param_specs(self, input_shape: Shape) -> dict[str, Shape]:
+        return _affine_specs(self, input_shape)
+
+    def initializers(self):
+        return _affine_initializers()
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class BatchNorm(_AffineNorm):
     """Batch normalization over every axis but the last (Ioffe & Szegedy, 2015).
 
     Input ``(N, ..., C)`` -> output ``(N, ..., C)``: ``(N, C)`` features or ``(N, H, W,
@@ -527,27 +555,11 @@ class BatchNorm(Layer):
     """
 
     momentum: float = 0.1
-    epsilon: float = 1e-5
-    use_scale: bool = True
-    use_bias: bool = True
-    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        super().__post_init__()
         where = type(self).__name__
         object.__setattr__(self, "momentum", _unit_interval(self.momentum, "momentum", where))
-        object.__setattr__(self, "epsilon", _positive(self.epsilon, "epsilon", where))
-        check_bool(self.use_scale, "use_scale", where)
-        check_bool(self.use_bias, "use_bias", where)
-        check_param_dtype(self.param_dtype, where)
-
-    def output_shape(self, input_shape: Shape) -> Shape:
-        return _feature_shape(self, input_shape)
-
-    def param_specs(self, input_shape: Shape) -> dict[str, Shape]:
-        return _affine_specs(self, input_shape)
-
-    def initializers(self):
-        return _affine_initializers()
 
     def state_specs(self, input_shape: Shape) -> dict[str, Shape]:
         channels = _feature_shape(self, input_shape)[-1]
@@ -620,7 +632,7 @@ class BatchNorm(Layer):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class LayerNorm(Layer):
+class LayerNorm(_AffineNorm):
     """Layer normalization of each position over its last axis (Ba et al., 2016).
 
     Input ``(N, ..., C)`` -> output ``(N, ..., C)``, as PyTorch's
@@ -643,26 +655,6 @@ class LayerNorm(Layer):
     kept on a grid, the whole input once flattened.
     """
 
-    epsilon: float = 1e-5
-    use_scale: bool = True
-    use_bias: bool = True
-    param_dtype: Any = jnp.float32
-
-    def __post_init__(self):
-        where = type(self).__name__
-        object.__setattr__(self, "epsilon", _positive(self.epsilon, "epsilon", where))
-        check_bool(self.use_scale, "use_scale", where)
-        check_bool(self.use_bias, "use_bias", where)
-        check_param_dtype(self.param_dtype, where)
-
-    def output_shape(self, input_shape: Shape) -> Shape:
-        return _feature_shape(self, input_shape)
-
-    def param_specs(self, input_shape: Shape) -> dict[str, Shape]:
-        return _affine_specs(self, input_shape)
-
-    def initializers(self):
-        return _affine_initializers()
 
     def forward(self, params, state, x, *, key=None, train=False):
         return layer_norm(x, params.get("scale"), params.get("bias"), self.epsilon), state
