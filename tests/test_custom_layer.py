@@ -4,6 +4,7 @@ fallback)."""
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,9 +111,7 @@ def test_fit_threads_the_state_and_both_gradient_modes_agree(data, grad):
     result = train.fit(net, params, x, y, grad=grad, **kw)
     other = train.fit(net, params, x, y, grad="manual" if grad == "autodiff" else "autodiff",
                       **kw)
-    for a, b in zip(jax.tree_util.tree_leaves(result.state),
-                    jax.tree_util.tree_leaves(other.state), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    chex.assert_trees_all_close(result.state, other.state, rtol=2e-4, atol=2e-5)
     mean = result.model_state[2]["mean"]
     assert float(jnp.abs(mean).sum()) > 0  # the running mean moved in training
     # evaluation uses the running mean; evaluate and predict agree with apply_with_state
@@ -150,9 +149,7 @@ def test_checkpoint_round_trip_and_resume_are_bitwise(data, tmp_path):
     path = tmp_path / "run.ckpt"
     train.fit(net, params, x, y, epochs=1, checkpoint=path, **kw)
     resumed = train.fit(net, params, x, y, epochs=2, checkpoint=path, resume=True, **kw)
-    for a, b in zip(jax.tree_util.tree_leaves(resumed.state),
-                    jax.tree_util.tree_leaves(full.state), strict=True):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(resumed.state, full.state)
     restored, _ = checkpoint.restore(path, {"state": full.state})
     np.testing.assert_array_equal(restored["state"].model_state[2]["mean"],
                                   full.model_state[2]["mean"])

@@ -2,6 +2,7 @@
 Dropout trains with fit on the digits in both gradient modes; the running statistics move
 in training and not in evaluation; each step draws a fresh Dropout key."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,9 +48,7 @@ def test_resnet_block_with_batchnorm_and_dropout_trains_on_digits(digits, grad):
     assert len(moved) == 2 * 4 and all(moved)
     # evaluation leaves them alone, and evaluate uses them
     out, after = net.apply_with_state(result.params, result.model_state, digits.x_test)
-    for a, b in zip(jax.tree_util.tree_leaves(after),
-                    jax.tree_util.tree_leaves(result.model_state), strict=True):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(after, result.model_state)
     _, acc = train.evaluate(net, result.params, digits.x_test, digits.y_test,
                             state=result.model_state)
     assert acc == pytest.approx(float(jnp.mean(jnp.argmax(out, -1) == digits.y_test)))
@@ -68,9 +67,7 @@ def test_both_gradient_modes_take_the_same_steps_with_state_and_dropout(digits):
         for i in range(3):
             state, _ = step(state, x[32 * i:32 * (i + 1)], y[32 * i:32 * (i + 1)])
         states[grad] = state
-    for a, b in zip(jax.tree_util.tree_leaves(states["autodiff"]),
-                    jax.tree_util.tree_leaves(states["manual"]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(states["autodiff"], states["manual"], rtol=1e-4, atol=1e-5)
 
 
 def test_every_step_draws_a_fresh_dropout_key():
@@ -107,9 +104,7 @@ def test_scanned_and_looped_epochs_agree_with_state_and_dropout(digits):
     runs = {mode: train.fit(net, params, x, y, epochs=2, batch_size=64, epoch_mode=mode,
                             optimizer=optax.sgd(0.1), progress=False, seed=5)
             for mode in ("loop", "scan")}
-    for a, b in zip(jax.tree_util.tree_leaves(runs["loop"].state),
-                    jax.tree_util.tree_leaves(runs["scan"].state), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(runs["loop"].state, runs["scan"].state, rtol=1e-5, atol=1e-6)
     assert not np.allclose(runs["scan"].model_state[2]["var"], 1.0)
 
 
