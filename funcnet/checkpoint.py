@@ -19,9 +19,17 @@ A checkpoint is one ZIP archive (stored, uncompressed), readable by ``np.load`` 
 - ``leaf_NNNNN.npy`` — each leaf in the ``.npy`` format (``allow_pickle=False``). The ZIP
   CRC-32 of every member is checked on read.
 
-Writing is atomic: the archive goes to a temporary file in the same directory, is flushed
-and ``fsync``-ed, then ``os.replace``-d over the target (and the directory is fsync-ed
-where the OS allows). An interrupted save leaves the previous checkpoint untouched.
+Writing is atomic: the archive goes to a temporary file ``.<name>.<8 random chars>.tmp``
+in the same directory, is flushed and ``fsync``-ed, then ``os.replace``-d over the target
+(and the directory is fsync-ed where the OS allows). An interrupted save leaves the
+previous checkpoint untouched; a save killed outright (power loss, ``SIGKILL``) can leave
+its temporary file behind, and the next save of the same target removes it (only files of
+exactly that pattern, and on POSIX only those no running save holds a lock on).
+
+Bad arguments (a path that is a directory or whose folder is missing, metadata that is
+not JSON, leaves that are not arrays) raise before anything is written. A manifest with a
+missing field or an unknown dtype raises :class:`CheckpointError` naming the file and the
+field.
 
 :func:`restore` rebuilds the pytree of a *template* (e.g. freshly initialised params and
 optimizer state) and checks that paths, shapes and dtypes agree; a mismatch or a truncated
@@ -35,13 +43,21 @@ import contextlib
 import io
 import json
 import os
+import re
+import stat
 import tempfile
 import zipfile
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+try:  # POSIX: a save holds a lock on its temporary file, see _remove_stale_temporaries
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "funcnet-checkpoint"
 VERSION = 1
@@ -94,6 +110,155 @@ def _fsync_dir(directory: str) -> None:
             os.close(fd)
 
 
+def _check_leaf(leaf: Any, where: str) -> None:
+    """Raise the ``TypeError`` :func:`_leaf_to_numpy` would, without converting ``leaf``."""
+    if _is_prng_key(leaf):
+        return
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not hasattr(leaf, "shape"):
+        try:
+            dtype = np.asarray(leaf).dtype
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"{where}: leaves must be arrays or numbers, got {type(leaf).__name__} ({e})"
+            ) from e
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biufcV" or (dtype.kind == "V" and not _is_ml_dtype(dtype)):
+        raise TypeError(
+            f"{where}: leaves must be arrays or numbers, got {type(leaf).__name__} "
+            f"of dtype {dtype}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Atomic writes (shared with funcnet.export and funcnet.data.write_idx)
+# ---------------------------------------------------------------------------------------
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}."
+
+
+_TMP_SUFFIX = ".tmp"
+
+
+def _stale_pattern(name: str) -> re.Pattern[str]:
+    """The names ``tempfile.mkstemp(prefix=_tmp_prefix(name), suffix=_TMP_SUFFIX)`` makes:
+    8 characters of ``[a-z0-9_]`` between prefix and suffix, nothing else."""
+    return re.compile(re.escape(_tmp_prefix(name)) + r"[a-z0-9_]{8}" + re.escape(_TMP_SUFFIX))
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> list[str]:
+    """Delete the temporary files an interrupted save of ``directory/name`` left behind.
+
+    Only regular files named exactly like this target's temporaries are considered; on
+    POSIX a temporary a running save still writes (it holds an ``flock``) is left alone.
+    Returns the names removed.
+    """
+    pattern = _stale_pattern(name)
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        if not pattern.fullmatch(entry):
+            continue
+        full = os.path.join(directory, entry)
+        try:
+            if not stat.S_ISREG(os.lstat(full).st_mode):
+                continue
+            fd = os.open(full, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a save in progress (another process) is writing it
+            with contextlib.suppress(OSError):
+                os.unlink(full)
+                removed.append(entry)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _locked_temporary(directory: str, name: str) -> tuple[int, str]:
+    """A new temporary file for ``directory/name``, locked (POSIX) while it is written."""
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_tmp_prefix(name), suffix=_TMP_SUFFIX)
+        if fcntl is None:  # pragma: no cover - Windows
+            return fd, tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # pragma: no cover - file systems without flock
+            return fd, tmp
+        if os.fstat(fd).st_nlink > 0:
+            return fd, tmp
+        # Another save's cleanup took it for a stale file between mkstemp and flock.
+        os.close(fd)  # pragma: no cover - needs that race
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str) -> Iterator[IO[bytes]]:
+    """Yield a binary file whose content replaces ``path`` only once it is complete.
+
+    Removes this target's stale temporaries first. On any error (or ``KeyboardInterrupt``)
+    the temporary file is deleted and ``path`` keeps its old content.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    _remove_stale_temporaries(directory, name)
+    fd, tmp = _locked_temporary(directory, name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            if fcntl is None:  # pragma: no cover - Windows cannot replace an open file
+                f.close()
+            os.replace(tmp, path)  # POSIX: still locked, so no cleanup can take it
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _check_target(path: Any, where: str, create_parents: bool = False) -> str:
+    """Validate a destination file path before any work; return it as a ``str``.
+
+    Raises ``TypeError`` if it is not a path, ``ValueError`` if it is (or ends like) a
+    directory, or if its folder is missing (unless ``create_parents``) or is a file.
+    """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{where}: path must be a str or os.PathLike, got {path!r}")
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"{where}: path must be a str or os.PathLike, got bytes {path!r}")
+    if path == "" or path.endswith(("/", os.sep)) or (os.altsep and path.endswith(os.altsep)):
+        raise ValueError(f"{where}: path {path!r} names a directory; expected a file path")
+    if os.path.isdir(path):
+        raise ValueError(f"{where}: path {path!r} is a directory; expected a file path")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        ancestor = directory
+        while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+            ancestor = os.path.dirname(ancestor)
+        if os.path.exists(ancestor) and not os.path.isdir(ancestor):
+            raise ValueError(
+                f"{where}: cannot write {path!r}: {ancestor!r} is a file, not a directory"
+            )
+        if not create_parents:
+            raise ValueError(
+                f"{where}: directory {directory!r} does not exist (for path {path!r}); "
+                f"create it first"
+            )
+    return path
+
+
 def _write_archive(f, tree: Any, metadata: Any) -> None:
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     entries = []
@@ -130,35 +295,108 @@ def save(path: str | os.PathLike, tree: Any, metadata: Any = None) -> None:
       tree: pytree whose leaves are arrays, numpy scalars, Python numbers or typed PRNG
         keys.
       metadata: JSON-serialisable value stored alongside (epoch, history, config...).
+
+    Raises:
+      ValueError: ``path`` is a directory, or its directory does not exist.
+      TypeError: ``path`` is not a path, ``metadata`` is not JSON-serialisable, or a leaf
+        is not an array or a number. All checked before anything is written.
     """
-    path = os.fspath(path)
+    path = _check_target(path, "checkpoint.save")
     try:
         json.dumps(metadata)
     except (TypeError, ValueError) as e:
         raise TypeError(f"checkpoint.save: metadata must be JSON-serialisable ({e})") from e
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ValueError(f"checkpoint.save: directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        _check_leaf(leaf, f"checkpoint.save: leaf {jax.tree_util.keystr(key_path)}")
+    with _atomic_file(path) as f:
+        _write_archive(f, tree, metadata)
+
+
+def _source(path: Any, where: str) -> str:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{where}: path must be a str or os.PathLike, got {path!r}")
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"{where}: path must be a str or os.PathLike, got bytes {path!r}")
+    return path
+
+
+def _manifest_dtype(name: Any) -> np.dtype | None:
+    """The numpy dtype a manifest's ``dtype`` field names, or ``None`` if it is not a
+    numeric dtype a checkpoint can hold (never a default for a missing name)."""
+    if not isinstance(name, str):
+        return None
     try:
-        with os.fdopen(fd, "wb") as f:
-            _write_archive(f, tree, metadata)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
+        dtype = np.dtype(name)
+    except (TypeError, ValueError):
+        return None
+    if dtype.kind in "biufc" or _is_ml_dtype(dtype):
+        return dtype
+    return None
+
+
+def _check_manifest(path: str, manifest: Any, members: set[str]) -> None:
+    """Every field :func:`load` / :func:`restore` read, present and well-formed."""
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path!r}: {msg}")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"manifest is not a {FORMAT} manifest (a JSON {type(manifest).__name__})")
+    for field in ("format", "version", "leaves"):
+        if field not in manifest:
+            raise bad(f"manifest is missing the field {field!r}; not a {FORMAT} manifest")
+    if manifest["format"] != FORMAT:
+        raise bad(
+            f"manifest field 'format' is {manifest['format']!r}, expected {FORMAT!r}; "
+            f"not a {FORMAT} manifest"
+        )
+    if manifest["version"] != VERSION:
+        raise bad(
+            f"format version {manifest['version']!r}, this funcnet reads version {VERSION}"
+        )
+    if not isinstance(manifest["leaves"], list):
+        raise bad(
+            f"manifest field 'leaves' must be a list, got {type(manifest['leaves']).__name__}"
+        )
+    for i, entry in enumerate(manifest["leaves"]):
+        if not isinstance(entry, dict):
+            raise bad(f"manifest leaf {i} must be a JSON object, got {entry!r}")
+        for field in ("path", "member", "shape", "dtype"):
+            if field not in entry:
+                raise bad(f"manifest leaf {i} is missing the field {field!r}")
+        leaf = f"manifest leaf {i} ({entry['path']!r})"
+        if not isinstance(entry["path"], str):
+            raise bad(f"{leaf}: field 'path' must be a string, got {entry['path']!r}")
+        if entry["member"] not in members:
+            raise bad(
+                f"{leaf}: field 'member' names {entry['member']!r}, which the archive does "
+                f"not contain"
+            )
+        shape = entry["shape"]
+        if not isinstance(shape, list) or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape
+        ):
+            raise bad(f"{leaf}: field 'shape' must be a list of sizes >= 0, got {shape!r}")
+        if _manifest_dtype(entry["dtype"]) is None:
+            raise bad(
+                f"{leaf}: field 'dtype' is {entry['dtype']!r}, not a known numeric dtype "
+                f"(expected e.g. 'float32', 'int32', 'bool', 'bfloat16')"
+            )
+        kind = entry.get("kind", "array")
+        if not isinstance(kind, str) or not (kind == "array" or kind.startswith("prng_key:")):
+            raise bad(
+                f"{leaf}: field 'kind' is {kind!r}, expected 'array' or 'prng_key:<impl>'"
+            )
 
 
 def _open(path: str) -> tuple[zipfile.ZipFile, dict]:
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r}: is a directory, not a checkpoint file")
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r}: no such file")
     try:
         zf = zipfile.ZipFile(path, mode="r")
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {path!r}: not a readable checkpoint (truncated or corrupt: {e})"
         ) from e
@@ -169,22 +407,15 @@ def _open(path: str) -> tuple[zipfile.ZipFile, dict]:
         raise CheckpointError(
             f"checkpoint {path!r}: no {MANIFEST} member; not a funcnet checkpoint"
         ) from e
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, UnicodeDecodeError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, UnicodeDecodeError,
+            RecursionError, NotImplementedError) as e:  # fmt: skip
         zf.close()
         raise CheckpointError(f"checkpoint {path!r}: corrupt manifest ({e})") from e
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != FORMAT
-        or not isinstance(manifest.get("leaves"), list)
-    ):
+    try:
+        _check_manifest(path, manifest, set(zf.namelist()))
+    except BaseException:
         zf.close()
-        raise CheckpointError(f"checkpoint {path!r}: manifest is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        zf.close()
-        raise CheckpointError(
-            f"checkpoint {path!r}: format version {manifest.get('version')!r}, this funcnet "
-            f"reads version {VERSION}"
-        )
+        raise
     return zf, manifest
 
 
@@ -192,17 +423,13 @@ def _read_leaf(zf: zipfile.ZipFile, entry: dict, path: str) -> np.ndarray:
     try:
         raw = zf.read(entry["member"])
         arr = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
-    except (KeyError, zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except (KeyError, zipfile.BadZipFile, OSError, EOFError, ValueError,
+            NotImplementedError) as e:  # fmt: skip
         raise CheckpointError(
             f"checkpoint {path!r}: leaf {entry.get('path')!r} is unreadable (truncated or "
             f"corrupt: {e})"
         ) from e
-    try:
-        dtype = np.dtype(entry["dtype"])
-    except TypeError as e:
-        raise CheckpointError(
-            f"checkpoint {path!r}: leaf {entry['path']!r} has unknown dtype {entry['dtype']!r}"
-        ) from e
+    dtype = _manifest_dtype(entry["dtype"])  # not None: _check_manifest checked it
     if _is_ml_dtype(dtype) and arr.dtype == np.dtype(f"u{dtype.itemsize}"):
         arr = arr.view(dtype)
     if list(arr.shape) != list(entry["shape"]) or dtype != arr.dtype:
@@ -215,7 +442,7 @@ def _read_leaf(zf: zipfile.ZipFile, entry: dict, path: str) -> np.ndarray:
 
 def read_metadata(path: str | os.PathLike) -> Any:
     """The ``metadata`` stored with :func:`save`, without reading any array."""
-    zf, manifest = _open(os.fspath(path))
+    zf, manifest = _open(_source(path, "checkpoint.read_metadata"))
     zf.close()
     return manifest.get("metadata")
 
@@ -226,7 +453,7 @@ def load(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], Any]:
     Typed PRNG keys come back as their raw key data. Use :func:`restore` to rebuild a
     pytree.
     """
-    path = os.fspath(path)
+    path = _source(path, "checkpoint.load")
     zf, manifest = _open(path)
     with zf:
         leaves = {e["path"]: _read_leaf(zf, e, path) for e in manifest["leaves"]}
@@ -253,7 +480,7 @@ def restore(path: str | os.PathLike, template: Any) -> tuple[Any, Any]:
     scalar array for a Python number. Raises :class:`CheckpointError` if the paths, a
     shape or a dtype differ, or if the file is truncated or corrupt.
     """
-    path = os.fspath(path)
+    path = _source(path, "checkpoint.restore")
     zf, manifest = _open(path)
     with zf:
         t_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
@@ -276,7 +503,7 @@ def restore(path: str | os.PathLike, template: Any) -> tuple[Any, Any]:
         out = []
         for (p, t_leaf), entry in zip(t_leaves, entries, strict=True):
             shape, dtype, kind = _template_leaf_info(t_leaf)
-            if list(shape) != list(entry["shape"]) or np.dtype(entry["dtype"]) != dtype or (
+            if list(shape) != list(entry["shape"]) or _manifest_dtype(entry["dtype"]) != dtype or (
                 kind != entry.get("kind", "array")
             ):
                 raise CheckpointError(

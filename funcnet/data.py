@@ -10,14 +10,19 @@
 
 Every reader returns plain numpy arrays: ``x`` of shape ``(N, H, W, C)`` float32 and ``y``
 of shape ``(N,)`` int32. Bad input raises ``ValueError`` / ``TypeError`` naming the file or
-argument, what was expected and what was found.
+argument, what was expected and what was found, before any array is returned: a corrupt or
+truncated file (gzip stream included), a wrong magic number, a header shape that does not
+match the payload, pixels of a dtype with no agreed scale, a non-finite ``scale``.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
+import numbers
 import os
 import zipfile
+import zlib
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,6 +37,13 @@ IDX_DTYPES: dict[int, np.dtype] = {
     0x0E: np.dtype(">f8"),
 }
 GZIP_MAGIC = b"\x1f\x8b"
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a member first, or an empty archive
+# scale=None: the pixel dtypes with an agreed full scale (other integers need a scale).
+DEFAULT_SCALES: dict[np.dtype, float] = {
+    np.dtype(np.uint8): 255.0,
+    np.dtype(np.uint16): 65535.0,
+}
 
 
 class Split(NamedTuple):
@@ -48,21 +60,51 @@ class Split(NamedTuple):
 # ---------------------------------------------------------------------------------------
 
 
+def _as_array(v: Any, name: str, where: str) -> np.ndarray:
+    try:
+        return np.asarray(v)
+    except (TypeError, ValueError) as e:  # ragged nested lists and the like
+        raise ValueError(f"{where}: {name} is not a rectangular array ({e})") from e
+
+
+def _check_num_classes(num_classes: Any, where: str) -> None:
+    if num_classes is None:
+        return
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"{where}: num_classes must be a positive int or None, got "
+                        f"{num_classes!r}")
+    if num_classes <= 0:
+        raise ValueError(f"{where}: num_classes must be a positive int or None, got "
+                         f"{num_classes!r}")
+
+
+def _fspath(path: Any, where: str, name: str = "path") -> str:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{where}: {name} must be a str or os.PathLike, got {path!r}")
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"{where}: {name} must be a str or os.PathLike, got bytes {path!r}")
+    return path
+
+
 def check_labels(y: Any, num_classes: int | None = None, where: str = "labels") -> np.ndarray:
     """Validate integer class labels ``(N,)``; return them as int32.
 
-    Raises ``TypeError`` for a non-integer dtype and ``ValueError`` for a wrong rank or a
-    label outside ``[0, num_classes)`` (``num_classes=None`` checks only ``>= 0``).
+    Raises ``TypeError`` for a non-integer dtype (or a ``num_classes`` that is not a
+    positive int) and ``ValueError`` for a wrong rank or a label outside
+    ``[0, num_classes)`` (``num_classes=None``: outside ``[0, 2**31)``, the int32 range).
     """
-    arr = np.asarray(y)
+    _check_num_classes(num_classes, where)
+    arr = _as_array(y, "labels", where)
     if not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{where}: labels must have an integer dtype, got {arr.dtype}")
     if arr.ndim != 1:
         raise ValueError(f"{where}: labels must have shape (N,), got {arr.shape}")
     if arr.size:
         lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or (num_classes is not None and hi >= num_classes):
-            rng = f"[0, {num_classes})" if num_classes is not None else "[0, inf)"
+        top = num_classes if num_classes is not None else int(np.iinfo(np.int32).max) + 1
+        if lo < 0 or hi >= top:
+            rng = f"[0, {num_classes})" if num_classes is not None else "[0, 2**31) (int32)"
             raise ValueError(
                 f"{where}: labels must lie in {rng}, got values in [{lo}, {hi}]"
             )
@@ -79,8 +121,9 @@ def check_dataset(
     that starts with an ``Embedding``). ``y``: ``(N,)`` integer labels in
     ``[0, num_classes)``, or a floating target array with ``N`` rows.
     """
-    x = np.asarray(x)
-    y = np.asarray(y)
+    _check_num_classes(num_classes, where)
+    x = _as_array(x, "x", where)
+    y = _as_array(y, "y", where)
     if x.ndim < 1 or y.ndim < 1:
         raise ValueError(
             f"{where}: x and y must be batched arrays (N, ...), got shapes {x.shape} and {y.shape}"
@@ -139,6 +182,10 @@ def digits(test_size: float = 0.2, seed: int = 0) -> Split:
         0.0 < test_size < 1.0
     ):
         raise ValueError(f"digits: test_size must be a fraction in (0, 1), got {test_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (
+        0 <= seed < 2**32
+    ):
+        raise ValueError(f"digits: seed must be an int in [0, 2**32), got {seed!r}")
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -170,24 +217,47 @@ def load_npz(
     """Load images and labels from an ``.npz`` file (pickle disabled).
 
     Args:
-      path: the ``.npz`` file.
+      path: the ``.npz`` archive (``np.savez``); a single-array ``.npy`` file is refused.
       x_key, y_key: names of the image and label arrays in it.
       num_classes: if given, labels must lie in ``[0, num_classes)``.
-      scale: divide the images by this (e.g. 255 for uint8 pixels); ``None`` divides
-        integer images by their dtype's maximum and leaves floating images as they are.
+      scale: a positive finite number to divide the images by (e.g. 255 for 0..255
+        pixels); ``None`` divides uint8 images by 255 and uint16 images by 65535, leaves
+        floating images as they are, and refuses other integer dtypes (int32 / int64
+        pixels have no agreed full scale: pass ``scale``).
 
     Returns:
       ``x`` ``(N, H, W, C)`` float32 (a ``(N, H, W)`` array gets ``C = 1``) and ``y``
-      ``(N,)`` int32.
+      ``(N,)`` int32. Floating images must be finite.
     """
-    where = f"load_npz({os.fspath(path)!r})"
+    where = f"load_npz({_fspath(path, 'load_npz')!r})"
+    path = os.fspath(path)
+    for name, key in (("x_key", x_key), ("y_key", y_key)):
+        if not isinstance(key, str):
+            raise TypeError(f"{where}: {name} must be a str, got {key!r}")
+    _check_num_classes(num_classes, where)
+    scale = _check_scale(scale, where)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise ValueError(f"{where}: not a readable .npz file ({e})") from e
+    if head.startswith(NPY_MAGIC):
+        raise ValueError(
+            f"{where}: expected an .npz archive (np.savez), got a single .npy array; load it "
+            f"with np.load and pass the images and labels yourself, or save both with np.savez"
+        )
+    if not head.startswith(ZIP_MAGICS):
+        raise ValueError(
+            f"{where}: not an .npz archive (expected a zip file written by np.savez, the file "
+            f"starts with {head[:4]!r})"
+        )
     try:
         f = np.load(path, allow_pickle=False)
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"{where}: not a readable .npz file ({e})") from e
+    if not hasattr(f, "files"):  # pragma: no cover - the magic check above rules it out
+        raise ValueError(f"{where}: expected an .npz archive, got a single .npy array")
     with f:
-        if not hasattr(f, "files"):
-            raise ValueError(f"{where}: expected an .npz archive, got a single .npy array")
         missing = [k for k in (x_key, y_key) if k not in f.files]
         if missing:
             raise ValueError(
@@ -195,29 +265,58 @@ def load_npz(
             )
         try:
             x, y = f[x_key], f[y_key]
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
             raise ValueError(f"{where}: corrupt array in the .npz file ({e})") from e
     return _images_and_labels(x, y, where, num_classes, scale)
 
 
-def _images_and_labels(x, y, where, num_classes, scale):
+def _check_scale(scale: Any, where: str) -> float | None:
+    if scale is None:
+        return None
+    if isinstance(scale, bool | np.bool_) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{where}: scale must be a positive finite number or None, got "
+                        f"{scale!r}")
+    value = float(scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}: scale must be a positive finite number or None, got "
+                         f"{scale!r}")
+    return value
+
+
+def _images_and_labels(x, y, where, num_classes, scale, images_where=None, labels_where=None):
+    images_where = images_where or where
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:
         raise ValueError(
-            f"{where}: images must have shape (N, H, W) or (N, H, W, C), got {x.shape}"
+            f"{images_where}: images must have shape (N, H, W) or (N, H, W, C), got {x.shape}"
         )
-    y = check_labels(y, num_classes, where)
+    is_int, is_float = np.issubdtype(x.dtype, np.integer), np.issubdtype(x.dtype, np.floating)
+    if not (is_int or is_float):
+        raise TypeError(
+            f"{images_where}: images must be integer pixels or floating, got dtype {x.dtype}"
+        )
+    if scale is None:
+        if is_float:
+            scale = 1.0
+        elif x.dtype.newbyteorder("=") in DEFAULT_SCALES:
+            scale = DEFAULT_SCALES[x.dtype.newbyteorder("=")]
+        else:
+            raise TypeError(
+                f"{images_where}: images of dtype {x.dtype} have no agreed full scale; pass "
+                f"scale= (e.g. scale=255 for 0..255 pixels). Without scale: uint8 (/255), "
+                f"uint16 (/65535) or floating images"
+            )
+    y = check_labels(y, num_classes, labels_where or where)
     if x.shape[0] != y.shape[0]:
         raise ValueError(
             f"{where}: {x.shape[0]} images but {y.shape[0]} labels; they must match"
         )
-    if scale is None:
-        scale = float(np.iinfo(x.dtype).max) if np.issubdtype(x.dtype, np.integer) else 1.0
-    elif not isinstance(scale, int | float) or isinstance(scale, bool) or scale <= 0:
-        raise ValueError(f"{where}: scale must be a positive number, got {scale!r}")
-    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-        raise TypeError(f"{where}: images must be numeric, got dtype {x.dtype}")
+    if is_float and not np.all(np.isfinite(x)):
+        bad = int(np.argwhere(~np.isfinite(x.reshape(x.shape[0], -1)))[0, 0])
+        raise ValueError(
+            f"{images_where}: images contain non-finite values (first at example {bad})"
+        )
     return (x.astype(np.float32) / np.float32(scale)), y
 
 
@@ -236,14 +335,21 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Returns:
       The array in native byte order, with the shape given by the header.
     """
-    where = f"read_idx({os.fspath(path)!r})"
+    where = f"read_idx({_fspath(path, 'read_idx')!r})"
+    path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        if raw[:2] == GZIP_MAGIC:
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except OSError as e:
         raise ValueError(f"{where}: cannot read the file ({e})") from e
+    if raw[:2] == GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise ValueError(
+                f"{where}: cannot read the file: corrupt or truncated gzip stream "
+                f"({type(e).__name__}: {e})"
+            ) from e
     if len(raw) < 4:
         raise ValueError(f"{where}: file too short for an IDX header ({len(raw)} bytes)")
     if raw[0] != 0 or raw[1] != 0:
@@ -262,7 +368,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{where}: file truncated inside the header ({len(raw)} bytes)")
     shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     got = len(raw) - header
     if got != expected:
         state = "truncated" if got < expected else "has trailing bytes"
@@ -275,7 +381,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_idx(path: str | os.PathLike, array: Any, compress: bool | None = None) -> None:
-    """Write ``array`` as an IDX file; gzip it if ``compress`` (default: path ends ``.gz``)."""
+    """Write ``array`` as an IDX file; gzip it if ``compress`` (default: path ends ``.gz``).
+
+    The file is replaced atomically (never half-written), as :func:`funcnet.checkpoint.save`.
+    """
+    from funcnet.checkpoint import _atomic_file, _check_target
+
+    path = _check_target(path, "write_idx")
     arr = np.asarray(array)
     codes = {dt.newbyteorder("=").str: c for c, dt in IDX_DTYPES.items()}
     key = arr.dtype.newbyteorder("=").str
@@ -290,10 +402,10 @@ def write_idx(path: str | os.PathLike, array: Any, compress: bool | None = None)
         + arr.astype(IDX_DTYPES[code]).tobytes()
     )
     if compress is None:
-        compress = os.fspath(path).endswith(".gz")
+        compress = path.endswith(".gz")
     if compress:
         payload = gzip.compress(payload)
-    with open(path, "wb") as f:
+    with _atomic_file(path) as f:
         f.write(payload)
 
 
@@ -302,16 +414,33 @@ def load_mnist(
     labels_path: str | os.PathLike,
     num_classes: int = 10,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST-format images and labels from two IDX files (raw or gzip).
+    """MNIST-format images and labels from two IDX files (raw or gzip), e.g. MNIST or
+    Fashion-MNIST.
 
-    Images: a uint8 IDX array ``(N, H, W)``, returned as ``(N, H, W, 1)`` float32 in
-    ``[0, 1]``. Labels: an integer IDX array ``(N,)`` in ``[0, num_classes)``, as int32.
+    Images: a uint8 IDX array ``(N, H, W)`` (type code ``0x08``, pixels 0..255), returned
+    as ``(N, H, W, 1)`` float32 in ``[0, 1]``; any other IDX type is refused (its scale is
+    unknown: read it with :func:`read_idx` and scale it yourself). Labels: an integer IDX
+    array ``(N,)`` in ``[0, num_classes)``, as int32.
     """
+    images_where = f"load_mnist: images file {_fspath(images_path, 'load_mnist', 'images_path')!r}"
+    labels_where = f"load_mnist: labels file {_fspath(labels_path, 'load_mnist', 'labels_path')!r}"
+    _check_num_classes(num_classes, "load_mnist")
+    if num_classes is None:
+        raise TypeError("load_mnist: num_classes must be a positive int, got None")
     x = read_idx(images_path)
     y = read_idx(labels_path)
     where = f"load_mnist({os.fspath(images_path)!r}, {os.fspath(labels_path)!r})"
     if x.ndim != 3:
-        raise ValueError(f"{where}: images must be a 3-D IDX array (N, H, W), got shape {x.shape}")
+        raise ValueError(
+            f"{images_where}: images must be a 3-D IDX array (N, H, W), got shape {x.shape}"
+        )
+    if x.dtype != np.uint8:
+        raise TypeError(
+            f"{images_where}: images must be uint8 pixels (IDX type code 0x08), got "
+            f"{x.dtype}; for other IDX data use read_idx and scale it yourself"
+        )
     if y.ndim != 1:
-        raise ValueError(f"{where}: labels must be a 1-D IDX array (N,), got shape {y.shape}")
-    return _images_and_labels(x, y, where, num_classes, None)
+        raise ValueError(
+            f"{labels_where}: labels must be a 1-D IDX array (N,), got shape {y.shape}"
+        )
+    return _images_and_labels(x, y, where, num_classes, 255.0, images_where, labels_where)
