@@ -189,9 +189,9 @@ def digits(test_size: float = 0.2, seed: int = 0) -> Split:
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
-    except ImportError as e:  # pragma: no cover - depends on the environment
+    except ImportError as e:
         raise ImportError(
-            "digits: needs scikit-learn (pip install scikit-learn, or funcnet's [dev] extra)"
+            "digits: needs scikit-learn: pip install 'funcnet[data]' (or scikit-learn)"
         ) from e
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[..., None]

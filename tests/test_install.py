@@ -41,3 +41,18 @@ print(len(result.history["loss"]), result.stop_reason)
                          timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "epochs"]
+
+
+def test_digits_without_scikit_learn_names_the_extra():
+    script = """
+import sys
+sys.modules["sklearn"] = None
+import funcnet as fn
+try:
+    fn.data.digits()
+except ImportError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert "pip install 'funcnet[data]'" in out.stdout, out.stdout + out.stderr
