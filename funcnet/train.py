@@ -27,8 +27,10 @@ y) -> scalar`` (the mean over the batch).
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -62,7 +64,12 @@ class TrainState(NamedTuple):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training met a NaN / inf loss. ``state`` holds the last finite parameters.
+    """Training met a NaN / inf loss or update. ``state`` holds the last finite parameters:
+    training stops at the first step whose objective or updated state (parameters,
+    optimizer state, the network's state) is not finite, e.g. a float16 update that
+    overflows although the loss and the gradient are finite. A non-finite gradient shows
+    in the updated state (unless the optimizer discards it on purpose, e.g.
+    ``optax.apply_if_finite``).
 
     Attributes: ``epoch`` and ``step`` (1-based, within the epoch), ``global_step``
     (0-based count of updates applied before it), ``value`` (the loss), ``state`` (the
@@ -143,20 +150,91 @@ def resolve_grad(grad: str | ValueAndGrad) -> ValueAndGrad:
     )
 
 
-def weighted_loss(loss_fn: Loss) -> Loss:
+def weighted_loss(loss_fn: Loss, *, where: str = "weighted_loss") -> Loss:
     """``loss_fn`` with per-example weights: ``f(outputs, (y, w)) = sum_i w_i l_i / sum_i w_i``.
 
     ``l_i = loss_fn(outputs[i:i+1], y[i:i+1])``. Weights 0 mark padding (the last partial
     batch of an epoch is padded to full size so the step never recompiles).
+    ``loss_fn`` must return a scalar (checked when traced: a per-example loss, the optax
+    convention, raises a ``TypeError`` naming ``loss``).
     """
+    check = not _has_rule(loss_fn)  # funcnet's own losses are batch means by construction
+
+    def one(o, t):
+        value = loss_fn(o[None], t[None])
+        if check:
+            _check_loss_value(value, loss_fn, o[None], where)
+        return value
 
     def f(outputs, yw):
         y, w = yw
-        per_example = jax.vmap(lambda o, t: loss_fn(o[None], t[None]))(outputs, y)
+        per_example = jax.vmap(one)(outputs, y)
         return jnp.sum(w * per_example) / jnp.sum(w)
 
     f.base_loss = loss_fn  # lets a grad mode recognise the loss it wraps
     return f
+
+
+def _has_rule(loss_fn: Any) -> bool:
+    """Whether ``loss_fn`` is one of funcnet's losses with a hand rule (a batch mean)."""
+    try:
+        return loss_fn in _vjp.RULES
+    except TypeError:  # unhashable callable
+        return False
+
+
+def _loss_name(loss_fn: Any) -> str:
+    return getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+
+class LossError(TypeError):
+    """A loss that breaks the contract ``loss(outputs, y) -> floating scalar`` (e.g. a
+    per-example loss returning shape ``(B,)``); raised when the step is traced, before any
+    step runs. ``detail`` is the message without the caller's name in front."""
+
+    def __init__(self, where: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.detail = detail
+
+
+def _check_loss_value(value: Any, loss_fn: Any, outputs: Any, where: str) -> None:
+    """``value = loss_fn(outputs, y)`` must be a floating scalar (shapes are static: this
+    runs when the step is traced, before any step is run)."""
+    if isinstance(value, float):
+        return
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    name = _loss_name(loss_fn)
+    if shape is None or dtype is None:
+        raise LossError(where, f"loss must return a scalar array (the mean over the batch), "
+                                f"but {name} returned {type(value).__name__}")
+    if tuple(shape) != ():
+        n = jnp.shape(outputs)[0] if jnp.ndim(outputs) else 1
+        raise LossError(
+            where,
+            f"loss must return a scalar (the mean over the batch), but {name} returned "
+            f"shape {tuple(shape)} for a batch of {n} (outputs of shape "
+            f"{tuple(jnp.shape(outputs))}); a per-example loss (the optax convention) would "
+            f"scale the loss and the gradients by the batch size: pass "
+            f"loss=lambda o, y: jnp.mean({name}(o, y))",
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise LossError(where, f"loss must return a floating scalar, but {name} returned "
+                                f"dtype {dtype}")
+
+
+def _scalar_loss(loss_fn: Loss, where: str) -> Loss:
+    """``loss_fn`` checked to return a scalar when traced (funcnet's own losses as they are,
+    so that the hand rules still recognise them)."""
+    if _has_rule(loss_fn):
+        return loss_fn
+
+    def checked(outputs, y):
+        value = loss_fn(outputs, y)
+        _check_loss_value(value, loss_fn, outputs, where)
+        return value
+
+    checked.__wrapped__ = loss_fn
+    return checked
 
 
 def _correct(outputs: jax.Array, y: jax.Array) -> jax.Array:
@@ -168,6 +246,12 @@ def _correct(outputs: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.zeros(outputs.shape[:1], outputs.dtype)
 
 
+def _are_labels(outputs: Any, y: Any) -> bool:
+    """Static: ``y`` holds integer class labels ``(B,)`` for outputs ``(B, K)``."""
+    return (jnp.ndim(outputs) == 2 and jnp.ndim(y) == 1
+            and jnp.issubdtype(jnp.result_type(y), jnp.integer))
+
+
 def _has_accuracy(out_shape: tuple[int, ...], y: np.ndarray) -> bool:
     if len(out_shape) != 1:
         return False
@@ -177,16 +261,95 @@ def _has_accuracy(out_shape: tuple[int, ...], y: np.ndarray) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Train state and step
+# Argument checks (every error names the argument, what was expected and what was given)
 # ---------------------------------------------------------------------------------------
 
 
-def _check_optimizer(optimizer: Any) -> None:
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+def _check_optimizer(optimizer: Any, where: str = "optimizer") -> None:
+    if (isinstance(optimizer, type) or not callable(getattr(optimizer, "init", None))
+            or not callable(getattr(optimizer, "update", None))):
         raise TypeError(
-            "optimizer must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), "
-            f"got {optimizer!r}"
+            f"{where}: optimizer must be an optax.GradientTransformation (e.g. "
+            f"optax.sgd(0.1)), got {optimizer!r}"
         )
+
+
+def _check_seed(seed: Any, where: str) -> int:
+    """``seed`` as a Python int in ``[-2**63, 2**63)`` (what ``jax.random.key`` takes)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"{where}: seed must be an int, got {seed!r}")
+    seed = int(seed)
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"{where}: seed must be an int in [-2**63, 2**63), got {seed}")
+    return seed
+
+
+def _check_bool(value: Any, name: str, where: str) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{where}: {name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_loss_fn(loss: Any, where: str) -> None:
+    if not callable(loss):
+        raise TypeError(
+            f"{where}: loss must be a function (outputs, y) -> scalar (e.g. "
+            f"funcnet.losses.softmax_cross_entropy), got {loss!r}"
+        )
+
+
+def _as_array(value: Any, name: str, where: str) -> Any:
+    """``value`` as an array (jax arrays as they are, anything else through numpy), with
+    a named error for what numpy cannot make a numeric array of (ragged lists, objects)."""
+    if isinstance(value, jax.Array | np.ndarray):
+        return value
+    if value is None:
+        raise TypeError(f"{where}: {name} must be an array, got None")
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise TypeError(
+            f"{where}: {name} must be an array (or a nested list of numbers of one shape), "
+            f"got {type(value).__name__} that numpy cannot convert ({e})"
+        ) from None
+    if arr.dtype == object:
+        raise TypeError(
+            f"{where}: {name} must be a numeric array, got {type(value).__name__} of "
+            f"objects (e.g. ragged lists or None)"
+        )
+    return arr
+
+
+def _not_a_train_state(value: Any, name: str, where: str) -> TypeError:
+    got = type(value).__name__
+    hint = " (it looks like parameters: make a state with init_state(params, optimizer))"
+    return TypeError(
+        f"{where}: {name} must be a funcnet.train.TrainState (init_state(params, optimizer, "
+        f"model_state)), got {got}{hint if not isinstance(value, TrainState) else ''}"
+    )
+
+
+def _check_leaves(tree: Any, name: str, where: str) -> None:
+    """Every leaf of ``tree`` is a numeric array or number (not a string, an object...)."""
+    if isinstance(tree, TrainState):
+        raise TypeError(
+            f"{where}: {name} must be the parameters (a pytree of arrays), got a TrainState; "
+            f"pass state.params"
+        )
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        ok = (isinstance(leaf, int | float | complex) if dtype is None
+              else (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)))
+        if not ok:
+            raise TypeError(
+                f"{where}: {name}{jax.tree_util.keystr(path)} must be a numeric array, got "
+                f"{type(leaf).__name__} {leaf!r:.60}"
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# Train state and step
+# ---------------------------------------------------------------------------------------
 
 
 def init_state(
@@ -198,7 +361,9 @@ def init_state(
 
     Arrays are copied, so donating the state to a step never deletes the caller's arrays.
     """
-    _check_optimizer(optimizer)
+    _check_optimizer(optimizer, "init_state")
+    _check_leaves(params, "params", "init_state")
+    _check_leaves(model_state, "model_state", "init_state")
     params = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), params)
     model_state = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), model_state)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), model_state)
@@ -209,54 +374,84 @@ def step_keys(seed: Any) -> jax.Array:
     masks from ``fold_in(step_keys(seed), t)`` (a function of the step count, so a resumed
     run draws the same keys). Independent of the shuffling keys ``fold_in(key(seed), epoch)``.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    return jax.random.fold_in(jax.random.key(int(seed)), 2**31 - 1)
+    seed = _check_seed(seed, "step_keys")
+    return jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
 
 
-def _check_lam(regularizer: Any, lam: Any) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam):
-        raise TypeError(f"lam must be a finite non-negative number, got {lam!r}")
-    if lam < 0:
-        raise ValueError(f"lam must be a finite non-negative number, got {lam!r}")
+def _check_lam(regularizer: Any, lam: Any, where: str = "lam") -> float:
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"{where}: lam must be a finite non-negative number, got {lam!r}")
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"{where}: lam must be a finite non-negative number, got {lam!r}")
     if regularizer is not None and not callable(regularizer):
         raise TypeError(
-            f"regularizer must be a function params -> Omega (e.g. funcnet.regularizers.l2), "
-            f"got {regularizer!r}"
+            f"{where}: regularizer must be a function params -> Omega (e.g. "
+            f"funcnet.regularizers.l2), got {regularizer!r}"
         )
     if lam > 0 and regularizer is None:
-        raise ValueError(f"lam={lam} needs a regularizer (e.g. funcnet.regularizers.l2)")
+        raise ValueError(
+            f"{where}: lam={lam} needs a regularizer (e.g. funcnet.regularizers.l2)"
+        )
     return float(lam)
 
 
-def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0):
+def _all_finite(*trees: Any) -> jax.Array:
+    """One boolean scalar: every floating element of ``trees`` is finite (one reduction
+    per leaf; exact, unlike a running sum, which can overflow for finite float16 values)."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(trees)
+             if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    out = jnp.asarray(True)
+    for flag in flags:
+        out = jnp.logical_and(out, flag)
+    return out
+
+
+GUARDS = ("loss", "full")
+
+
+def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0, where="make_step",
+                 guard="loss", check_labels=False):
     """The un-jitted step body shared by :func:`make_step`, the loop and the scanned epoch.
 
     ``update(state, x, y, w, active) -> (state, metrics, active)``. ``w=None`` uses
     ``loss_fn`` as given (the batch mean); otherwise per-example weights. With ``active``
-    (a bool scalar) the update is applied only while ``active`` and the objective is finite;
-    ``active`` then becomes False for good, freezing the last finite state.
+    (a bool scalar) the update is applied only while ``active`` and the step is finite;
+    ``active`` then becomes False for good, freezing the last good state. ``guard``
+    says what must be finite: ``"loss"`` the objective (a scalar: free), ``"full"`` the
+    objective and everything the step keeps (parameters, optimizer state, the network's
+    state: one reduction per leaf, about one more pass over the state per step). A
+    non-finite gradient shows in the updated state, unless the optimizer discards it on
+    purpose (``optax.zero_nans``, ``optax.apply_if_finite``). ``fit`` steps with
+    ``"loss"``, checks the whole state once per epoch and replays a failed epoch with
+    ``"full"``. ``check_labels`` (``make_step``): integer labels ``(B,)`` outside
+    ``[0, K)`` for outputs ``(B, K)`` make the step not apply and its loss NaN (under
+    ``jit`` an out-of-range label otherwise gives a NaN loss with a finite gradient, or,
+    for a negative one, silently the class ``K + label``).
     """
-    if not callable(loss_fn):
-        raise TypeError(f"loss must be a function (outputs, y) -> scalar, got {loss_fn!r}")
-    _check_optimizer(optimizer)
-    lam = _check_lam(regularizer, lam)
-    factory = resolve_grad(grad)
+    if guard not in GUARDS:
+        raise ValueError(f"{where}: guard must be one of {GUARDS}, got {guard!r}")
+    _check_loss_fn(loss_fn, where)
+    _check_optimizer(optimizer, where)
+    lam = _check_lam(regularizer, lam, where)
+    try:
+        factory = resolve_grad(grad)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}: {e}") from None
+    root = step_keys(_check_seed(seed, where))
     manual = factory is _vjp.value_and_grad
-    wloss = weighted_loss(loss_fn)
+    plain, wloss = _scalar_loss(loss_fn, where), weighted_loss(loss_fn, where=where)
     if factory is autodiff_value_and_grad or manual:
         # one forward pass (training mode, state and key threaded) gives the loss, the
         # gradient, the new state and the outputs for the accuracy
         with_state = (_vjp.value_and_grad_with_state if manual
                       else autodiff_value_and_grad_with_state)
-        vg_plain, vg_weighted = with_state(net, loss_fn), with_state(net, wloss)
+        vg_plain, vg_weighted = with_state(net, plain), with_state(net, wloss)
     else:  # other plug-in modes only return (loss, grads), for nets without state
-        vg_plain, vg_weighted = factory(net, loss_fn), factory(net, wloss)
+        vg_plain, vg_weighted = factory(net, plain), factory(net, wloss)
     if manual and regularizer in _vjp.regularizers.GRADS:
         reg_value_and_grad = _vjp.regularizer_value_and_grad(regularizer)
     elif regularizer is not None:
         reg_value_and_grad = jax.value_and_grad(regularizer)
-    root = step_keys(seed)
 
     def value_and_grad(state, x, y, w):
         yw = y if w is None else (y, w)
@@ -287,9 +482,16 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0):
             metrics = {"loss": loss, "objective": objective,
                        "correct": jnp.sum(w * correct), "count": jnp.sum(w)}
         if active is not None:
-            # One fused reduction: any NaN / inf in a gradient makes the sum non-finite.
-            gsum = sum((jnp.sum(g) for g in jax.tree_util.tree_leaves(grads)), jnp.zeros(()))
-            finite = jnp.logical_and(jnp.isfinite(objective), jnp.isfinite(gsum))
+            finite = jnp.isfinite(objective)
+            if check_labels and _are_labels(out, y):
+                in_range = jnp.all((y >= 0) & (y < out.shape[-1]))
+                finite = jnp.logical_and(finite, in_range)
+                nan = jnp.asarray(jnp.nan, loss.dtype)
+                metrics["loss"] = jnp.where(in_range, loss, nan)
+                metrics["objective"] = jnp.where(in_range, objective, nan)
+            if guard == "full":
+                # a finite gradient can still overflow the update (float16 parameters)
+                finite = jnp.logical_and(finite, _all_finite(params, opt_state, model_state))
             metrics["finite"] = finite
             active = jnp.logical_and(active, finite)
             new = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, state)
@@ -317,7 +519,9 @@ def make_step(
 
     Args:
       net: a network (``apply(params, x)``), e.g. :class:`funcnet.Serial`.
-      loss: ``loss(outputs, y) -> scalar``, the mean over the batch.
+      loss: ``loss(outputs, y) -> scalar``, the mean over the batch (a per-example loss
+        such as ``optax.softmax_cross_entropy_with_integer_labels`` raises a ``TypeError``
+        when the step is traced: wrap it, ``lambda o, y: jnp.mean(...)``).
       optimizer: an optax ``GradientTransformation``.
       regularizer: ``Omega(params) -> scalar`` (e.g. :func:`funcnet.regularizers.l2`).
       lam: its weight ``lambda >= 0``.
@@ -336,14 +540,91 @@ def make_step(
     ``weights`` ``(B,)`` (0 marks padding) and returns ``metrics`` with scalars ``loss``
     (data loss), ``objective`` (loss + lam * Omega), ``correct`` (weighted count of
     correct argmax predictions; 0 when not a classification) and ``count`` (sum of weights).
+
+    Checks, in a thin Python wrapper before the compiled step (no device work, no host
+    sync): ``state`` is a :class:`TrainState`; ``x`` fits the parameters; ``y`` and
+    ``weights`` have ``B`` rows; integer labels held on the host (numpy arrays, lists) lie
+    in ``[0, K)`` for a network with ``K`` outputs. Labels already on the device are not
+    copied back to be checked (that would stall every step); inside the compiled step, a
+    step with an integer label outside ``[0, K)`` or a non-finite objective is not
+    applied: the incoming state comes back unchanged (``state.step`` included) and
+    ``metrics["loss"]`` is NaN. (The updated state is not checked step by step, which
+    would cost a pass over it every step; :func:`fit` checks it.) ``step.jitted`` is the
+    compiled step without the wrapper.
     """
-    update = _make_update(net, loss, optimizer, regularizer, lam, grad, seed)
+    where = "make_step"
+    _check_bool(donate, "donate", where)
+    update = _make_update(net, loss, optimizer, regularizer, lam, grad, seed, where,
+                          check_labels=True)
 
     def step(state, x, y, weights=None):
-        new, metrics, _ = update(state, x, y, weights)
+        new, metrics, _ = update(state, x, y, weights, jnp.asarray(True))
+        del metrics["finite"]
         return new, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+    checked_shapes: dict[Any, int | None] = {}  # x.shape[1:] -> K (output width) or None
+
+    def checked_step(state, x, y, weights=None):
+        if not isinstance(state, TrainState):
+            raise _not_a_train_state(state, "state", "make_step step")
+        x = _as_array(x, "x", "make_step step")
+        y = _as_array(y, "y", "make_step step")
+        if x.ndim < 1 or y.ndim < 1:
+            raise ValueError(
+                f"make_step step: x and y must be batched arrays (B, ...), got shapes "
+                f"{x.shape} and {y.shape}"
+            )
+        n = x.shape[0]
+        if y.shape[0] != n:
+            raise ValueError(
+                f"make_step step: y must have one row per example of x, got {y.shape[0]} "
+                f"rows (y shape {y.shape}) for x of shape {x.shape}"
+            )
+        if weights is not None:
+            weights = _as_array(weights, "weights", "make_step step")
+            if weights.shape != (n,):
+                raise ValueError(
+                    f"make_step step: weights must have shape (B,) = ({n},), one per example "
+                    f"of x {x.shape}, got shape {weights.shape}"
+                )
+        key = tuple(x.shape[1:])
+        if key not in checked_shapes:
+            checked_shapes[key] = _step_input_check(net, state, x)
+        k = checked_shapes[key]
+        if k is not None and y.ndim == 1 and not isinstance(y, jax.Array):
+            if np.issubdtype(y.dtype, np.integer) and y.size:
+                lo, hi = int(y.min()), int(y.max())
+                if lo < 0 or hi >= k:
+                    raise ValueError(
+                        f"make_step step: y: integer labels must lie in [0, {k}) for a "
+                        f"network with {k} outputs, got values in [{lo}, {hi}]"
+                    )
+        return jitted(state, x, y, weights)
+
+    checked_step.jitted = jitted
+    checked_step.lower = jitted.lower
+    checked_step._cache_size = jitted._cache_size
+    checked_step.__wrapped__ = step
+    checked_step.__doc__ = ("step(state, x, y, weights=None) -> (state, metrics): the train "
+                            "step of make_step, its arguments checked before the compiled step")
+    return checked_step
+
+
+def _step_input_check(net: Any, state: TrainState, x: Any) -> int | None:
+    """Once per input shape: the parameters fit ``x``; the output width for integer labels."""
+    in_shape = tuple(x.shape[1:])
+    out = None
+    if hasattr(net, "output_shape"):
+        try:
+            out = tuple(net.output_shape(in_shape))
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"make_step step: x of shape {x.shape}: the network does not accept inputs "
+                f"of shape {in_shape}: {e}"
+            ) from None
+    _check_x_fits(net, state.params, x, "make_step step")
+    return out[-1] if out is not None and len(out) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,13 +639,35 @@ def epoch_batches(
 
     A permutation of ``range(n)`` (``jax.random.permutation(key, n)``; identity if not
     ``shuffle``) cut into batches; the last is padded with index 0 and weight 0.
+    ``n = 0`` gives ``(0, batch_size)`` arrays.
     """
+    where = "epoch_batches"
+    if isinstance(n, bool) or not isinstance(n, int | np.integer):
+        raise TypeError(f"{where}: n must be a non-negative int, got {n!r}")
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"{where}: n must be a non-negative int, got {n}")
+    batch_size = _positive_int(batch_size, f"{where}: batch_size")
+    shuffle = _check_bool(shuffle, "shuffle", where)
+    if shuffle and not _is_key(key):
+        raise TypeError(
+            f"{where}: key must be a JAX PRNG key (jax.random.key(seed)), got "
+            f"{type(key).__name__} {key!r:.40}"
+        )
     nb = -(-n // batch_size)
     pad = nb * batch_size - n
     order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
     idx = jnp.concatenate([order.astype(jnp.int32), jnp.zeros(pad, jnp.int32)])
     w = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)])
     return idx.reshape(nb, batch_size), w.reshape(nb, batch_size)
+
+
+def _is_key(key: Any) -> bool:
+    if not isinstance(key, jax.Array):
+        return False
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return True
+    return key.dtype == jnp.uint32 and key.shape == (2,)  # a raw jax.random.PRNGKey
 
 
 def epoch_key(seed_key: jax.Array, epoch: int) -> jax.Array:
@@ -383,7 +686,7 @@ class EpochRunner:
     def __init__(self, update, x, y, batch_size: int, mode: str, shuffle: bool = True):
         if mode not in ("loop", "scan"):
             raise ValueError(f"epoch mode must be 'loop' or 'scan', got {mode!r}")
-        self.mode = mode
+        self.mode, self.shuffle = mode, shuffle
         self.x, self.y = x, y
         self.n = int(x.shape[0])
         self.batch_size = batch_size
@@ -497,7 +800,7 @@ def _eval_fn(net, loss_fn):
 
 
 def _build_eval_fn(net, loss_fn):
-    wloss = weighted_loss(loss_fn)
+    wloss = weighted_loss(loss_fn, where="evaluate")
 
     def run(params, model_state, x, y, idx, w):
         def body(acc, i):
@@ -513,6 +816,15 @@ def _build_eval_fn(net, loss_fn):
         return tot / cnt, cor / cnt
 
     return jax.jit(run)
+
+
+def _eval_batches(n: int, batch_size: int, x_dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Unshuffled batches for evaluation; weights in at least float32 (integer ids for an
+    Embedding-first network, half-precision inputs: the sums stay exact)."""
+    idx, w = epoch_batches(jax.random.key(0), n, min(batch_size, n), shuffle=False)
+    w_dtype = (jnp.promote_types(x_dtype, jnp.float32)
+               if jnp.issubdtype(x_dtype, jnp.floating) else jnp.float32)
+    return idx, w.astype(w_dtype)
 
 
 def _predict_fn(net):
@@ -538,12 +850,23 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
-def _num_classes(net: Any, x: np.ndarray) -> int | None:
+def _output_shape(net: Any, x: Any, where: str, name: str = "x") -> tuple[int, ...] | None:
+    """The network's unbatched output shape for ``x`` (``None`` for a network that does
+    not say), with an error naming ``x`` when the network does not take its shape."""
+    if not hasattr(net, "output_shape"):
+        return None
     try:
-        out = tuple(net.output_shape(tuple(x.shape[1:])))
+        return tuple(net.output_shape(tuple(x.shape[1:])))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"the network does not accept inputs of shape {x.shape[1:]}: {e}") from e
-    return out[-1] if len(out) == 1 else None
+        raise ValueError(
+            f"{where}: {name} has shape {tuple(x.shape)}: the network does not accept inputs "
+            f"of shape {tuple(x.shape[1:])}: {e}"
+        ) from None
+
+
+def _num_classes(net: Any, x: Any, where: str = "fit", name: str = "x") -> int | None:
+    out = _output_shape(net, x, where, name)
+    return out[-1] if out is not None and len(out) == 1 else None
 
 
 def _takes_integers(net: Any) -> bool:
@@ -551,37 +874,125 @@ def _takes_integers(net: Any) -> bool:
 
 
 def _model_state(net: Any, state: Any, input_shape, where: str) -> Any:
-    """``state`` checked against the network's, or its initial state when ``None``."""
-    if state is None:
+    """``state`` checked against the network's, or its initial state when ``None`` (or an
+    empty pytree for a network without state)."""
+    if isinstance(state, TrainState):
+        raise TypeError(
+            f"{where}: state is the network's state (e.g. fit(...).model_state), got a "
+            f"TrainState; pass its .model_state"
+        )
+    if state is None or (not jax.tree_util.tree_leaves(state) and hasattr(net, "has_state")
+                         and not net.has_state(tuple(input_shape))):
         return net.init_state(tuple(input_shape))
     check_params(net, state, input_shape, where, what="state")
     return state
 
 
+def _child(node: Any, key: Any) -> Any:
+    if isinstance(key, jax.tree_util.DictKey):
+        return node[key.key]
+    if isinstance(key, jax.tree_util.SequenceKey):
+        if not isinstance(node, list | tuple):
+            raise LookupError(key)
+        return node[key.idx]
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return getattr(node, key.name)
+    raise LookupError(key)
+
+
+def _structure_problem(expected: Any, got: Any, what: str, input_shape) -> str:
+    """Where ``got`` departs from the structure ``expected`` (a missing entry, a Python
+    list where an array belongs, ...), in words."""
+    if isinstance(got, TrainState) and what == "params":
+        return "params is a TrainState; pass state.params (or give fit the state as state=)"
+    for path, e in jax.tree_util.tree_flatten_with_path(expected)[0]:
+        node = got
+        for depth, key in enumerate(path):
+            try:
+                node = _child(node, key)
+            except (LookupError, TypeError, AttributeError):
+                return (f"{what}{jax.tree_util.keystr(path[:depth + 1])} is missing (the "
+                        f"network for inputs of shape {tuple(input_shape)} has "
+                        f"{jax.tree_util.tree_structure(expected)})")
+        if isinstance(node, list | tuple | dict):
+            return (f"{what}{jax.tree_util.keystr(path)} is a Python "
+                    f"{type(node).__name__}, expected an array of shape {tuple(e.shape)}; "
+                    f"convert it with jnp.asarray (or make {what} with net.init)")
+    hint = ""
+    if type(got) is not type(expected):
+        hint = (f" ({what} is a {type(got).__name__}, the network's are a "
+                f"{type(expected).__name__}, as net.init returns)")
+    return (f"{what} do not have the network's structure for inputs of shape "
+            f"{tuple(input_shape)}: expected {jax.tree_util.tree_structure(expected)}, got "
+            f"{jax.tree_util.tree_structure(got)}{hint}")
+
+
+def _params_problem(net: Any, tree: Any, input_shape, what: str) -> str | None:
+    shapes = getattr(net, "param_shapes" if what == "params" else "state_shapes", None)
+    if shapes is None:
+        return None
+    expected = shapes(tuple(input_shape))
+    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
+    g_leaves, g_def = jax.tree_util.tree_flatten_with_path(tree)
+    if e_def != g_def:
+        return _structure_problem(expected, tree, what, input_shape)
+    for (path, e), (_, g) in zip(e_leaves, g_leaves, strict=True):
+        if isinstance(g, str | bytes) or (not hasattr(g, "shape")
+                                          and not isinstance(g, numbers.Number)):
+            return (f"{what}{jax.tree_util.keystr(path)} must be an array of shape "
+                    f"{tuple(e.shape)}, got {type(g).__name__}")
+        if tuple(jnp.shape(g)) != tuple(e.shape):
+            return (f"{what}{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(g))}, "
+                    f"the network expects {tuple(e.shape)} for inputs of shape "
+                    f"{tuple(input_shape)}")
+    return None
+
+
 def check_params(
     net: Any, params: Any, input_shape: tuple[int, ...], where: str = "fit", what: str = "params"
 ) -> None:
-    """Raise ``ValueError`` if ``params`` do not fit ``net`` for inputs of ``input_shape``.
+    """Raise ``ValueError`` if ``params`` do not fit ``net`` for inputs of ``input_shape``
+    (``TypeError`` for a :class:`TrainState` given as parameters).
 
     Uses ``net.param_shapes(input_shape)`` (no allocation) where the network has it.
     """
-    shapes = getattr(net, "param_shapes" if what == "params" else "state_shapes", None)
-    if shapes is None:
-        return
-    expected = shapes(tuple(input_shape))
-    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
-    g_leaves, g_def = jax.tree_util.tree_flatten_with_path(params)
-    if e_def != g_def:
-        raise ValueError(
-            f"{where}: {what} do not have the network's structure for inputs of shape "
-            f"{tuple(input_shape)}: expected {e_def}, got {g_def}"
+    if what not in ("params", "state"):
+        raise ValueError(f"check_params: what must be 'params' or 'state', got {what!r}")
+    if isinstance(params, TrainState) and what == "params":
+        raise TypeError(
+            f"{where}: params is a TrainState; pass state.params (or give fit the state as "
+            f"state=)"
         )
-    for (path, e), (_, g) in zip(e_leaves, g_leaves, strict=True):
-        if tuple(jnp.shape(g)) != tuple(e.shape):
-            raise ValueError(
-                f"{where}: {what}{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(g))}, "
-                f"the network expects {tuple(e.shape)} for inputs of shape {tuple(input_shape)}"
+    problem = _params_problem(net, params, input_shape, what)
+    if problem is not None:
+        raise ValueError(f"{where}: {problem}")
+
+
+def _check_x_fits(net: Any, params: Any, x: Any, where: str, name: str = "x") -> None:
+    """``params`` fit inputs shaped like ``x``; else an error naming ``x`` and its shape."""
+    if isinstance(params, TrainState):
+        raise TypeError(f"{where}: params is a TrainState; pass state.params")
+    problem = _params_problem(net, params, x.shape[1:], "params")
+    if problem is not None:
+        raise ValueError(
+            f"{where}: {name} of shape {tuple(x.shape)} does not fit the parameters: {problem}"
+        )
+
+
+def _check_input_dtype(net: Any, x: Any, where: str, name: str = "x") -> None:
+    if not isinstance(net, Layer):
+        return
+    if _takes_integers(net):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(
+                f"{where}: the network's first layer takes integer input (ids), got {name} of "
+                f"dtype {x.dtype}"
             )
+    elif not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{where}: {name} must have a floating dtype (e.g. float32), got {x.dtype}; "
+            f"convert it with {name}.astype(np.float32)"
+        )
 
 
 def evaluate(
@@ -601,18 +1012,23 @@ def evaluate(
     ``net.init_state``).
 
     Accuracy is the fraction of argmax predictions equal to the integer labels (or to the
-    argmax of one-hot targets); ``None`` when ``y`` is neither.
+    argmax of one-hot targets); ``None`` when ``y`` is neither. ``x`` and ``y`` are
+    validated as in :func:`fit` (an empty data set is an error: its mean is undefined).
     """
+    where = "evaluate"
     batch_size = _positive_int(batch_size, "evaluate: batch_size")
-    x, y = _data.check_dataset(x, y, _num_classes(net, np.asarray(x)), where="evaluate",
+    _check_loss_fn(loss, where)
+    _check_leaves(params, "params", where)
+    x, y = _as_array(x, "x", where), _as_array(y, "y", where)
+    x, y = _data.check_dataset(x, y, _num_classes(net, np.asarray(x), where), where=where,
                                integer_x=_takes_integers(net))
-    out_shape = tuple(net.output_shape(tuple(x.shape[1:])))
-    bs = min(batch_size, x.shape[0])
-    idx, w = epoch_batches(jax.random.key(0), x.shape[0], bs, shuffle=False)
-    state = _model_state(net, state, x.shape[1:], "evaluate")
-    mean_loss, acc = _eval_fn(net, loss)(params, state, jnp.asarray(x), jnp.asarray(y), idx,
-                                         w.astype(x.dtype))
-    return float(mean_loss), (float(acc) if _has_accuracy(out_shape, y) else None)
+    out_shape = _output_shape(net, x, where)
+    _check_x_fits(net, params, x, where)
+    state = _model_state(net, state, x.shape[1:], where)
+    idx, w = _eval_batches(x.shape[0], batch_size, x.dtype)
+    mean_loss, acc = _eval_fn(net, loss)(params, state, jnp.asarray(x), jnp.asarray(y), idx, w)
+    with_acc = out_shape is not None and _has_accuracy(out_shape, y)
+    return float(mean_loss), (float(acc) if with_acc else None)
 
 
 def predict(
@@ -621,14 +1037,26 @@ def predict(
     """The network's outputs ``(N, ...)`` in evaluation mode, in batches of ``batch_size``.
 
     ``state``: the network's state (BatchNorm's running statistics), default
-    ``net.init_state``.
+    ``net.init_state``. An empty batch ``x`` of shape ``(0, *input_shape)`` gives an empty
+    ``(0, *output_shape)`` array (no example, no output) after the same checks.
     """
+    where = "predict"
     batch_size = _positive_int(batch_size, "predict: batch_size")
+    _check_leaves(params, "params", where)
+    x = _as_array(x, "x", where)
+    if x.ndim < 1:
+        raise ValueError(f"{where}: x must be a batch (N, ...), got shape {tuple(x.shape)}")
+    _check_input_dtype(net, x, where)
+    _output_shape(net, x, where)
+    _check_x_fits(net, params, x, where)
+    state = _model_state(net, state, x.shape[1:], where)
     x = jnp.asarray(x)
     n = x.shape[0]
-    bs = min(batch_size, n)
-    idx, _ = epoch_batches(jax.random.key(0), n, bs, shuffle=False)
-    state = _model_state(net, state, x.shape[1:], "predict")
+    if n == 0:
+        spec = jax.eval_shape(lambda p, s, xb: net.apply_with_state(p, s, xb)[0], params, state,
+                              jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+        return jnp.zeros((0, *spec.shape[1:]), spec.dtype)
+    idx, _ = epoch_batches(jax.random.key(0), n, min(batch_size, n), shuffle=False)
     out = _predict_fn(net)(params, state, x, idx)
     return out.reshape(-1, *out.shape[2:])[:n]
 
@@ -642,6 +1070,97 @@ def _epoch_summary(metrics: dict[str, np.ndarray]) -> tuple[float, float]:
     count = metrics["count"]
     total = float(np.sum(count))
     return float(np.sum(metrics["loss"] * count) / total), float(np.sum(metrics["correct"]) / total)
+
+
+def _check_checkpoint(path: Any, where: str) -> str:
+    """``path`` names a file that can be written (its folder exists and takes a new file):
+    checked by creating and removing a probe file, before any training."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{where}: checkpoint must be a file path (str or os.PathLike), "
+                        f"got {path!r}")
+    path = os.fsdecode(os.fspath(path))
+    if not path:
+        raise ValueError(f"{where}: checkpoint must be a file path, got ''")
+    if os.path.isdir(path):
+        raise ValueError(f"{where}: checkpoint must be a file path, got the folder {path!r}")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{where}: checkpoint {path!r} exists and is not a regular file")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        what = "is not a folder" if os.path.exists(directory) else "does not exist"
+        raise ValueError(f"{where}: checkpoint {path!r}: its folder {directory!r} {what}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                     suffix=".probe")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(
+            f"{where}: checkpoint {path!r}: cannot write in its folder {directory!r} "
+            f"({e.strerror or e})"
+        ) from None
+    return path
+
+
+def _check_train_state(state: Any, optimizer: Any, where: str = "fit") -> TrainState:
+    """``state`` is a :class:`TrainState` whose optimizer state fits ``optimizer``; returned
+    as a copy (``fit`` donates its buffers; the caller's stay valid) with an int32 step."""
+    if not isinstance(state, TrainState):
+        raise _not_a_train_state(state, "state", where)
+    step = state.step
+    if (isinstance(step, bool) or jnp.ndim(step) != 0
+            or not jnp.issubdtype(jnp.result_type(step), jnp.integer)):
+        raise TypeError(f"{where}: state.step must be an integer scalar, got {step!r:.60}")
+    _check_leaves(state.params, "state.params", where)
+    expected = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, state.params))
+    got = jax.tree_util.tree_structure(state.opt_state)
+    if expected != got:
+        raise ValueError(
+            f"{where}: state.opt_state does not match the optimizer: expected {expected}, "
+            f"got {got}; make the state with init_state(params, optimizer)"
+        )
+    state = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)
+    return state._replace(step=jnp.asarray(state.step, jnp.int32))
+
+
+class _Validation(NamedTuple):
+    x: jax.Array
+    y: jax.Array
+    idx: jax.Array
+    w: jax.Array
+    with_acc: bool
+
+
+def _check_validation(net, validation_data, loss, params, model_state, x_train, where):
+    """Everything about ``validation_data`` before the first step: a pair, shapes, dtypes,
+    labels, that the parameters fit it, and that the loss takes it (the evaluation
+    program is traced, not run)."""
+    vwhere = f"{where}: validation_data"
+    if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
+        raise TypeError(f"{vwhere} must be a pair (x_val, y_val), got "
+                        f"{type(validation_data).__name__} {validation_data!r:.60}")
+    xv = np.asarray(_as_array(validation_data[0], "x_val", vwhere))
+    yv = _as_array(validation_data[1], "y_val", vwhere)
+    xv, yv = _data.check_dataset(xv, yv, _num_classes(net, xv, vwhere, "x_val"), where=vwhere,
+                                 integer_x=_takes_integers(net))
+    if xv.ndim != x_train.ndim:
+        raise ValueError(f"{vwhere}: x_val must have the rank of x, {x_train.shape}, got shape "
+                         f"{xv.shape}")
+    out_shape = _output_shape(net, xv, vwhere, "x_val")
+    _check_x_fits(net, params, xv, vwhere, "x_val")
+    check_params(net, model_state, xv.shape[1:], vwhere, what="state")
+    xd, yd = jnp.asarray(xv), jnp.asarray(yv)
+    idx, w = _eval_batches(xv.shape[0], 1024, xv.dtype)
+    try:
+        jax.eval_shape(_eval_fn(net, loss), params, model_state, xd, yd, idx, w)
+    except LossError as e:
+        raise LossError(where, e.detail) from None
+    except (TypeError, ValueError) as e:
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(
+            f"{vwhere}: x_val {xv.shape} / y_val {yv.shape} do not fit the network and the "
+            f"loss: {e}"
+        ) from None
+    return _Validation(xd, yd, idx, w, out_shape is not None and _has_accuracy(out_shape, yv))
 
 
 def fit(
@@ -672,9 +1191,13 @@ def fit(
 ) -> FitResult:
     """Train ``net`` from ``params`` on ``(x, y)`` for up to ``epochs`` epochs.
 
-    Everything is validated before the first step: ``x`` ``(N, ...)`` floating and finite,
-    ``y`` ``(N,)`` integer labels in ``[0, K)`` (``K`` = the network's outputs) or floating
-    targets with ``N`` rows, and the same for ``validation_data``.
+    Everything is validated before the first step: ``x`` ``(N, ...)`` floating and finite
+    (integer ids for an Embedding-first network), ``y`` ``(N,)`` integer labels in
+    ``[0, K)`` (``K`` = the network's outputs) or floating targets with ``N`` rows, the
+    same for ``validation_data`` (whose evaluation is traced up front, so a mismatch with
+    the network or the loss shows before training), the parameters against the network,
+    every option's type and range, and that ``checkpoint`` can be written. ``loss`` must
+    return a scalar (checked when the step is traced, before it runs).
 
     Each epoch shuffles with ``fold_in(key(seed), epoch)``, runs ``ceil(N / batch_size)``
     steps (the last batch padded with zero-weight examples: one compiled step for all), and
@@ -684,9 +1207,22 @@ def fit(
 
     Stopping: after ``epochs``; when the epoch's training loss is ``<= loss_threshold``
     (the lecture's rule, "stop when the loss is small enough"); or when ``val_loss`` has not
-    improved for ``patience`` epochs (``restore_best`` then returns the best parameters).
-    A non-finite loss (or gradient) raises :class:`NonFiniteLossError` naming the epoch and
-    step; its ``state`` holds the last finite parameters (updates stop at the bad step).
+    improved for ``patience`` epochs.
+    A non-finite loss or update (gradient, overflow) raises :class:`NonFiniteLossError`
+    naming the epoch and step; its ``state`` holds the last finite parameters (updates
+    stop at the bad step). Each step checks its objective (free); the whole state is
+    checked once per epoch, and an epoch that left a non-finite state with finite losses
+    is run again from its start (fit keeps a copy of the state at the start of each
+    epoch), checking every step's state, to find the bad step.
+
+    ``restore_best=True`` (needs ``validation_data``) returns the parameters of the epoch
+    with the lowest ``val_loss`` however the run ends (``patience``, ``loss_threshold`` or
+    the last epoch): asking for the best gives the best, not only after an early stop as
+    Keras' ``EarlyStopping(restore_best_weights=True)`` does. As there, the model is
+    restored (``params`` and ``state.params``, with the network's state of that epoch in
+    ``state.model_state``) while ``state.opt_state`` and ``state.step`` stay those of the
+    last epoch; the checkpoint file holds the last epoch. After ``resume`` the best is
+    taken over the resumed epochs only (the checkpoint keeps the last state, not the best).
 
     Args:
       net, params: the network and its initial parameters (not modified).
@@ -698,10 +1234,12 @@ def fit(
       grad: gradient mode, see :func:`make_step`.
       progress: show a tqdm progress bar.
       checkpoint: file to save ``{"state": TrainState}`` (and the history in the
-        metadata) after every epoch, atomically.
+        metadata) after every epoch, atomically; its folder must exist and be writable.
       resume: continue from ``checkpoint`` if it exists (bitwise the same result as an
         uninterrupted run with the same arguments).
-      state: start from this :class:`TrainState` instead of ``init_state(params, ...)``.
+      state: start from this :class:`TrainState` instead of ``init_state(params, ...)``
+        (copied: the caller's arrays stay valid); ``params`` is then ignored and
+        ``model_state`` must be left out (the state carries its own).
       model_state: the network's initial state (default ``net.init_state``).
 
     Training runs the network in training mode (Dropout with a fresh key every step,
@@ -712,45 +1250,67 @@ def fit(
     Returns:
       :class:`FitResult` ``(params, state, history, stop_reason)``.
     """
+    where = "fit"
     optimizer = optax.sgd(0.1) if optimizer is None else optimizer
-    _check_optimizer(optimizer)
+    _check_optimizer(optimizer, where)
+    _check_loss_fn(loss, where)
     if isinstance(epochs, bool) or not isinstance(epochs, int | np.integer):
         raise TypeError(f"fit: epochs must be a non-negative int, got {epochs!r}")
     if epochs < 0:
         raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}")
     epochs = int(epochs)
     batch_size = _positive_int(batch_size, "fit: batch_size")
+    seed = _check_seed(seed, where)
+    shuffle = _check_bool(shuffle, "shuffle", where)
+    progress = _check_bool(progress, "progress", where)
+    restore_best = _check_bool(restore_best, "restore_best", where)
+    resume = _check_bool(resume, "resume", where)
     if patience is not None:
         patience = _positive_int(patience, "fit: patience")
         if validation_data is None:
             raise ValueError("fit: patience needs validation_data")
-    if loss_threshold is not None and not isinstance(loss_threshold, int | float):
-        raise TypeError(f"fit: loss_threshold must be a number or None, got {loss_threshold!r}")
+    if restore_best and validation_data is None:
+        raise ValueError("fit: restore_best=True needs validation_data (the best epoch is the "
+                         "one with the lowest val_loss)")
+    if loss_threshold is not None:
+        if isinstance(loss_threshold, bool) or not isinstance(loss_threshold, numbers.Real):
+            raise TypeError(
+                f"fit: loss_threshold must be a number or None, got {loss_threshold!r}")
+        if math.isnan(loss_threshold):
+            raise ValueError(f"fit: loss_threshold must be a number or None, got {loss_threshold}")
     if resume and checkpoint is None:
         raise ValueError("fit: resume=True needs a checkpoint path")
     mode = choose_epoch_mode(net, epoch_mode)
+    if checkpoint is not None:
+        checkpoint = _check_checkpoint(checkpoint, where)
+    if state is not None:
+        if model_state is not None:
+            raise ValueError("fit: give model_state or state, not both (a TrainState carries "
+                             "its own model_state)")
+        state = _check_train_state(state, optimizer, where)
+    update_args = (net, loss, optimizer, regularizer, lam, grad, seed, where)
+    update = _make_update(*update_args)
 
-    x_np = np.asarray(x)
-    x_np, y_np = _data.check_dataset(x_np, y, _num_classes(net, x_np), where="fit: training data",
-                                     integer_x=_takes_integers(net))
-    if validation_data is not None:
-        if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
-            raise TypeError("fit: validation_data must be a pair (x_val, y_val)")
-        xv, yv = _data.check_dataset(
-            np.asarray(validation_data[0]), validation_data[1],
-            _num_classes(net, np.asarray(validation_data[0])), where="fit: validation_data",
-            integer_x=_takes_integers(net),
-        )
-    out_shape = tuple(net.output_shape(tuple(x_np.shape[1:])))
-    check_params(net, params if state is None else state.params, x_np.shape[1:])
+    x_np = np.asarray(_as_array(x, "x", "fit: training data"))
+    y_in = _as_array(y, "y", "fit: training data")
+    x_np, y_np = _data.check_dataset(x_np, y_in, _num_classes(net, x_np, where),
+                                     where="fit: training data", integer_x=_takes_integers(net))
+    out_shape = _output_shape(net, x_np, where)
     if state is None:
-        model_state = _model_state(net, model_state, x_np.shape[1:], "fit")
+        _check_leaves(params, "params", where)
+        check_params(net, params, x_np.shape[1:])
+        model_state = _model_state(net, model_state, x_np.shape[1:], where)
     else:
-        _check_train_state(state)
-        _model_state(net, state.model_state, x_np.shape[1:], "fit")
-    with_acc = _has_accuracy(out_shape, y_np)
+        check_params(net, state.params, x_np.shape[1:], "fit: state")
+        _model_state(net, state.model_state, x_np.shape[1:], "fit: state")
+    with_acc = out_shape is not None and _has_accuracy(out_shape, y_np)
+    val = None
+    if validation_data is not None:
+        val = _check_validation(net, validation_data, loss,
+                                params if state is None else state.params,
+                                model_state if state is None else state.model_state,
+                                x_np, where)
 
-    update = _make_update(net, loss, optimizer, regularizer, lam, grad, seed)
     bs = min(batch_size, x_np.shape[0])
     runner = EpochRunner(update, jnp.asarray(x_np), jnp.asarray(y_np), bs, mode, shuffle)
 
@@ -758,14 +1318,14 @@ def fit(
     history: dict[str, list] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [],
                                 "time": []}
     start = 0
-    if resume and os.path.exists(os.fspath(checkpoint)):
+    if resume and os.path.exists(checkpoint):
         restored, meta = _ckpt.restore(checkpoint, {"state": state})
         state = restored["state"]
         start = int(meta["epoch"])
         history = {k: list(v) for k, v in meta["history"].items()}
 
     seed_key = jax.random.key(seed)
-    best = (math.inf, None, 0)  # (val loss, params copy, epochs since improvement)
+    best_loss, best_model, since_best = math.inf, None, 0  # best val loss, its model, epochs
     stop_reason = "epochs"
     bar = None
     if progress:
@@ -776,29 +1336,40 @@ def fit(
     try:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
+            start_state = _copy(state)  # the runner donates its input; kept for a replay
             active = jnp.asarray(True)
             state, metrics, active = runner.run(
                 state, epoch_key(seed_key, epoch), active,
                 on_step=(bar.update if bar is not None else None),
             )
             metrics = jax.device_get(metrics)
-            if not bool(active):
-                _raise_non_finite(epoch, metrics, state, history, runner)
+            if not bool(active) or not bool(_state_finite(state)):
+                _non_finite_epoch(epoch, metrics, state, start_state, history, runner, update_args,
+                                  epoch_key(seed_key, epoch))
             train_loss, train_acc = _epoch_summary(metrics)
             history["loss"].append(train_loss)
             history["accuracy"].append(train_acc if with_acc else None)
-            if validation_data is not None:
-                vl, va = evaluate(net, state.params, xv, yv, loss=loss, state=state.model_state)
+            if val is not None:
+                vl, va = _eval_fn(net, loss)(state.params, state.model_state, val.x, val.y,
+                                             val.idx, val.w)
+                vl = float(vl)
                 history["val_loss"].append(vl)
-                history["val_accuracy"].append(va)
+                history["val_accuracy"].append(float(va) if val.with_acc else None)
+                if vl < best_loss:
+                    best_loss, since_best = vl, 0
+                    if restore_best:  # copies: the state's buffers are donated next epoch
+                        best_model = jax.tree_util.tree_map(
+                            lambda a: jnp.array(a, copy=True), (state.params, state.model_state))
+                else:
+                    since_best += 1
             history["time"].append(time.perf_counter() - t0)
             if bar is not None:
                 post = {"loss": f"{train_loss:.4f}"}
                 if with_acc:
                     post["acc"] = f"{train_acc:.4f}"
-                if validation_data is not None:
+                if val is not None:
                     post["val_loss"] = f"{history['val_loss'][-1]:.4f}"
-                    if with_acc:
+                    if val.with_acc:
                         post["val_acc"] = f"{history['val_accuracy'][-1]:.4f}"
                 bar.set_postfix(post, refresh=False)
                 bar.set_description(f"fit {mode} epoch {epoch + 1}/{epochs}")
@@ -808,32 +1379,40 @@ def fit(
             if loss_threshold is not None and train_loss <= loss_threshold:
                 stop_reason = "loss_threshold"
                 break
-            if patience is not None:
-                vl = history["val_loss"][-1]
-                if vl < best[0]:
-                    keep = (jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state.params)
-                            if restore_best else None)
-                    best = (vl, keep, 0)
-                else:
-                    best = (best[0], best[1], best[2] + 1)
-                    if best[2] >= patience:
-                        stop_reason = "patience"
-                        break
+            if patience is not None and since_best >= patience:
+                stop_reason = "patience"
+                break
     finally:
         if bar is not None:
             bar.close()
-    params_out = state.params
-    if stop_reason == "patience" and restore_best and best[1] is not None:
-        params_out = best[1]
-    return FitResult(params_out, state, history, stop_reason)
+    if restore_best and best_model is not None:
+        state = state._replace(params=best_model[0], model_state=best_model[1])
+    return FitResult(state.params, state, history, stop_reason)
 
 
-def _check_train_state(state: Any) -> None:
-    if not isinstance(state, TrainState):
-        raise TypeError(
-            f"fit: state must be a funcnet.train.TrainState (init_state(params, optimizer, "
-            f"model_state)), got {type(state).__name__}; pass parameters as params"
-        )
+def _copy(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
+
+
+_state_finite = jax.jit(_all_finite)
+
+
+def _non_finite_epoch(epoch, metrics, state, start_state, history, runner, update_args, key):
+    """The epoch met a non-finite objective or left a non-finite state: raise
+    :class:`NonFiniteLossError` with the last finite state. When the state the cheap
+    per-step guard kept is not finite (a finite loss with an overflowing update), the
+    epoch is run again from its (finite) start with the full guard, which checks the
+    whole updated state at every step and stops at the first bad one."""
+    if not bool(_state_finite(state)):
+        full = EpochRunner(_make_update(*update_args, guard="full"), runner.x, runner.y,
+                           runner.batch_size, runner.mode, runner.shuffle)
+        replayed, replay_metrics, active = full.run(_copy(start_state), key, jnp.asarray(True))
+        if not bool(active) and bool(_state_finite(replayed)):
+            state, metrics = replayed, jax.device_get(replay_metrics)
+        else:  # cannot happen with a deterministic step; the epoch's start is finite
+            state = start_state
+            metrics = dict(metrics, finite=np.zeros_like(metrics["finite"]))
+    _raise_non_finite(epoch, metrics, state, history, runner)
 
 
 def _raise_non_finite(epoch, metrics, state, history, runner):
@@ -842,10 +1421,10 @@ def _raise_non_finite(epoch, metrics, state, history, runner):
     value = float(metrics["objective"][i])
     global_step = int(state.step)
     raise NonFiniteLossError(
-        f"fit: non-finite loss or gradient (loss {value}) at epoch {epoch + 1}, step {i + 1} "
-        f"of {runner.num_batches} (after {global_step} updates); training stopped and the "
-        f"last finite parameters are kept in the error's .state (check the data for NaN / "
-        f"inf or huge values, and the learning rate)",
+        f"fit: non-finite loss, gradient or update (loss {value}) at epoch {epoch + 1}, "
+        f"step {i + 1} of {runner.num_batches} (after {global_step} updates); training "
+        f"stopped and the last finite parameters are kept in the error's .state (check the "
+        f"data for NaN / inf or huge values, and the learning rate)",
         epoch=epoch + 1, step=i + 1, global_step=global_step, value=value, state=state,
         history=history,
     )
