@@ -10,6 +10,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -89,4 +90,78 @@ def check_floating(x: Any, what: str, where: str) -> None:
         raise TypeError(
             f"{where}: {what} must have a floating dtype (e.g. float32), got {dtype}; "
             f"convert it with x.astype(jnp.float32)"
+        )
+
+
+def dtype_of(x: Any) -> np.dtype:
+    """The dtype of an array, or the one NumPy gives a Python value (``float64`` for 1.0)."""
+    dtype = getattr(x, "dtype", None)
+    return np.dtype(np.asarray(x).dtype if dtype is None else dtype)
+
+
+def describe(value: Any) -> str:
+    """``"<type> <repr>"``, the repr cut to 60 characters: how errors show a given value."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def as_array(x: Any, what: str, where: str) -> Any:
+    """``x`` as an array (JAX arrays, tracers and NumPy arrays pass unchanged; nested lists
+    of numbers are converted); a ``TypeError`` naming ``what`` for anything else (a string,
+    ``None``, an object)."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return x
+    try:
+        arr = jnp.asarray(x)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{where}: {what} must be an array of numbers, got {describe(x)}"
+        ) from None
+    return arr
+
+
+def check_real(x: Any, what: str, where: str) -> None:
+    """``x`` has a real number dtype (integer or floating; not complex, bool or text)."""
+    dtype = dtype_of(x)
+    if dtype == np.bool_ or not (
+        jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+    ):
+        raise TypeError(
+            f"{where}: {what} must have a real (integer or floating) dtype, got {dtype}"
+        )
+
+
+def check_features(shape: Sequence[int], where: str) -> None:
+    """``shape`` (an unbatched input shape) has a feature axis: rank >= 1."""
+    if len(shape) == 0:
+        raise ValueError(
+            f"{where}: expected an input with a feature axis, input_shape (..., features) "
+            f"without the batch dimension, got input_shape (); a batch x of shape (N,) has "
+            f"no feature axis: use x.reshape(N, 1) for one feature per example"
+        )
+
+
+def is_concrete(x: Any) -> bool:
+    """Whether the values of ``x`` are known now (not a tracer under ``jit``/``grad``)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_in_unit_interval(x: Any, what: str, where: str) -> None:
+    """Concrete ``x`` lies in ``[0, 1]`` (NaNs are left to propagate); skipped under
+    tracing, where the values are unknown."""
+    if not is_concrete(x):
+        return
+    dtype = dtype_of(x)
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        return  # other dtypes are the caller's to reject
+    arr = np.asarray(x, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    if arr.size == 0:
+        return
+    lo, hi = arr.min(), arr.max()
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"{where}: {what} must lie in [0, 1], got values in [{lo:.6g}, {hi:.6g}]"
         )

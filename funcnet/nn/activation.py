@@ -27,6 +27,7 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from funcnet import _checks
 from funcnet.nn.base import RF, FallbackResiduals, Layer, OpLayer, Rule, Shape, static
 
 # ---------------------------------------------------------------------------------------
@@ -34,30 +35,52 @@ from funcnet.nn.base import RF, FallbackResiduals, Layer, OpLayer, Rule, Shape, 
 # ---------------------------------------------------------------------------------------
 
 
+def _input(x, where: str) -> jax.Array:
+    x = _checks.as_array(x, "input x", where)
+    _checks.check_floating(x, "input x", where)
+    return x
+
+
+def _axis(x: jax.Array, axis, where: str) -> int:
+    if isinstance(axis, bool):
+        raise TypeError(f"{where}: axis must be an int, got {axis!r}")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{where}: axis must be an int, got {axis!r}") from None
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(
+            f"{where}: axis {axis} is out of range for an input of shape {x.shape} "
+            f"(rank {x.ndim})"
+        )
+    return axis
+
+
 def sigmoid(x: jax.Array) -> jax.Array:
     """``sigma(x) = 1 / (1 + exp(-x))``; ``sigma' = sigma (1 - sigma)``."""
-    return jax.nn.sigmoid(x)
+    return jax.nn.sigmoid(_input(x, "sigmoid"))
 
 
 def tanh(x: jax.Array) -> jax.Array:
     """Hyperbolic tangent; ``tanh' = 1 - tanh^2``."""
-    return jnp.tanh(x)
+    return jnp.tanh(_input(x, "tanh"))
 
 
 def relu(x: jax.Array) -> jax.Array:
     """``max(0, x)``; its derivative at 0 is taken to be 0."""
-    return jax.nn.relu(x)
+    return jax.nn.relu(_input(x, "relu"))
 
 
 def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     """``y_k = exp(b_k) / sum_l exp(b_l)`` along ``axis`` (computed shift-stably)."""
-    return jax.nn.softmax(x, axis=axis)
+    x = _input(x, "softmax")
+    return jax.nn.softmax(x, axis=_axis(x, axis, "softmax"))
 
 
 def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     """``log softmax(x)`` along ``axis``, finite for logits of any magnitude."""
-    return jax.nn.log_softmax(x, axis=axis)
-
+    x = _input(x, "log_softmax")
+    return jax.nn.log_softmax(x, axis=_axis(x, axis, "log_softmax"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,6 +302,7 @@ class _AxisLayer(OpLayer):
 
     def output_shape(self, input_shape: Shape) -> Shape:
         shape = super().output_shape(input_shape)
+        _checks.check_features(shape, repr(self))
         self.batched_axis(shape)
         return shape
 

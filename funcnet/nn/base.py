@@ -30,6 +30,12 @@ What users call (validating, with errors that name the layer):
 
 ``input_shape`` never includes the batch axis; ``x`` always does. ``train=False`` is
 evaluation: Dropout is the identity and BatchNorm uses its running statistics.
+
+Size limit: ``init`` counts the parameters it would create from shapes alone and refuses
+more than :data:`PARAM_LIMIT` (500 million, 2 GB of float32) before allocating anything,
+so a typo such as ``Dense(40000)`` on a ``(40000,)`` input is a clear ``ValueError``
+rather than XLA running out of memory. Raise it with ``set_param_limit(n)`` (``None``:
+no limit).
 """
 
 from __future__ import annotations
@@ -49,6 +55,20 @@ Shape = tuple[int, ...]
 
 DEFAULT_W_INIT: Initializer = jax.nn.initializers.lecun_normal()
 DEFAULT_B_INIT: Initializer = jax.nn.initializers.zeros
+
+#: Most scalar parameters ``init`` creates (a network's total); ``None`` for no limit.
+#: Change it with :func:`set_param_limit`.
+PARAM_LIMIT: int | None = 500_000_000
+
+
+def set_param_limit(n: int | None) -> int | None:
+    """Set :data:`PARAM_LIMIT` (a positive int, or ``None`` for no limit); returns the
+    previous limit, so a caller can restore it."""
+    global PARAM_LIMIT
+    if n is not None:
+        n = _checks.positive_int(n, "n", "set_param_limit")
+    previous, PARAM_LIMIT = PARAM_LIMIT, n
+    return previous
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,10 +302,16 @@ class Layer:
         }
 
     def init(self, key: jax.Array, input_shape: Shape) -> Any:
-        """Parameters for inputs of (unbatched) ``input_shape``; ``{}`` if there are none."""
+        """Parameters for inputs of (unbatched) ``input_shape``; ``{}`` if there are none.
+
+        Refuses (``ValueError``) more than :data:`PARAM_LIMIT` parameters, before
+        allocating anything.
+        """
+        check_init_key(self, key)
         specs = self.param_specs(input_shape)
         if not specs:
             return {}
+        check_param_limit(self, input_shape, self.param_shapes(input_shape))
         fns = self.initializers()
         missing = sorted(set(specs) - set(fns))
         if missing:
@@ -326,8 +352,7 @@ class Layer:
     # -- forward -------------------------------------------------------------------------
     def check_input(self, x: Any) -> jax.Array:
         """Validate (and convert) a batched input; floating by default."""
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            x = jnp.asarray(x)
+        x = _checks.as_array(x, "input x", _head(self))
         if x.ndim < 1:
             raise ValueError(f"{self!r}: expected a batched input (N, ...), got a scalar")
         _checks.check_floating(x, "input x", repr(self))
@@ -343,7 +368,8 @@ class Layer:
         in_shape = tuple(x.shape[1:])
         self.output_shape(in_shape)
         state = _default_state(self, state, in_shape)
-        _check_tree(self, "params", params, self.param_shapes(in_shape), in_shape)
+        _check_tree(self, "params", params, self.param_shapes(in_shape), in_shape,
+                    floating=True)
         _check_tree(self, "state", state, self.state_shapes(in_shape), in_shape)
         return x, state
 
@@ -453,16 +479,59 @@ def _check_train(layer: Layer, train: Any) -> None:
         raise TypeError(f"{_head(layer)}: train must be a Python bool, got {train!r}")
 
 
+def _key_problem(key: Any) -> str | None:
+    """Why ``key`` is not one PRNG key (``None`` if it is one)."""
+    if not isinstance(key, jax.Array):  # jax.Array includes tracers; NumPy arrays are not
+        return f"got {_checks.describe(key)}"
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            return (f"got an array of {math.prod(key.shape)} keys (shape {key.shape}); "
+                    f"pass one key, e.g. keys[0]")
+        return None
+    if key.dtype == jnp.uint32 and key.shape == (2,):
+        return None  # a raw jax.random.PRNGKey
+    return f"got an array of dtype {key.dtype} and shape {key.shape}"
+
+
 def _check_key(layer: Layer, key: Any, train: bool) -> None:
     if key is None:
         return
-    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
-        if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
-            return  # a raw jax.random.PRNGKey
+    problem = _key_problem(key)
+    if problem is not None:
         raise TypeError(
             f"{_head(layer)}: key must be a JAX PRNG key (jax.random.key(seed)) or None, "
-            f"got {type(key).__name__}"
+            f"{problem}"
         )
+
+
+def check_init_key(layer: Layer, key: Any) -> None:
+    """``key`` of ``layer.init(key, input_shape)`` is one PRNG key, else a ``TypeError``."""
+    problem = _key_problem(key)
+    if problem is not None:
+        raise TypeError(
+            f"{_head(layer)}.init: key must be a JAX PRNG key (jax.random.key(seed)), "
+            f"{problem}"
+        )
+
+
+def check_param_limit(layer: Layer, input_shape: Shape, shapes: Any) -> None:
+    """Refuse, before allocating, more than :data:`PARAM_LIMIT` parameters in ``shapes``
+    (``init``'s pytree as ``jax.ShapeDtypeStruct`` leaves)."""
+    limit = PARAM_LIMIT
+    if limit is None:
+        return
+    leaves = jax.tree_util.tree_leaves(shapes)
+    count = sum(math.prod(leaf.shape) for leaf in leaves)
+    if count <= limit:
+        return
+    nbytes = sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
+    dtypes = sorted({jnp.dtype(leaf.dtype).name for leaf in leaves})
+    raise ValueError(
+        f"{_head(layer)} on input {tuple(input_shape)} would create {count:,} parameters "
+        f"({nbytes / 1e9:.1f} GB in {'/'.join(dtypes)}), more than "
+        f"funcnet.nn.base.PARAM_LIMIT = {limit:,}; if you mean it, raise the limit with "
+        f"funcnet.nn.base.set_param_limit(n) (None: no limit)"
+    )
 
 
 def _default_state(layer: Layer, state: Any, in_shape: Shape) -> Any:
@@ -473,8 +542,22 @@ def _default_state(layer: Layer, state: Any, in_shape: Shape) -> Any:
     return state
 
 
-def _check_tree(layer: Layer, what: str, got: Any, expected: Any, in_shape: Shape) -> None:
-    """``got`` has ``expected``'s structure and leaf shapes, else an error naming ``layer``."""
+def _leaf_name(what: str, path: tuple) -> str:
+    if len(path) == 1 and isinstance(path[0], jax.tree_util.DictKey):
+        return f"{what.rstrip('s')} {path[0].key!r}"  # param 'w', state 'mean'
+    return what + jax.tree_util.keystr(path)
+
+
+def _is_leaf_value(value: Any) -> bool:
+    """An array or a number (what a leaf of params or state may be)."""
+    return hasattr(value, "shape") or isinstance(value, int | float | complex)
+
+
+def _check_tree(
+    layer: Layer, what: str, got: Any, expected: Any, in_shape: Shape, floating: bool = False
+) -> None:
+    """``got`` has ``expected``'s structure and leaf shapes (and, with ``floating``, real
+    floating dtypes), else an error naming ``layer``."""
     e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
     try:
         g_leaves, g_def = jax.tree_util.tree_flatten_with_path(got)
@@ -482,22 +565,41 @@ def _check_tree(layer: Layer, what: str, got: Any, expected: Any, in_shape: Shap
         g_def = type(got).__name__
     if e_def != g_def:
         if isinstance(expected, dict) and isinstance(got, dict):
+            if set(expected) == set(got):  # same names: some entry is not an array
+                for name, e in expected.items():
+                    g = got[name]
+                    if isinstance(e, jax.ShapeDtypeStruct) and not _is_leaf_value(g):
+                        hint = " (convert it with jnp.asarray)" if isinstance(
+                            g, list | tuple) else ""
+                        raise TypeError(
+                            f"{_head(layer)}: {what.rstrip('s')} {name!r} must be an array "
+                            f"of shape {tuple(e.shape)}, got {_checks.describe(g)}{hint}"
+                        )
             raise ValueError(
-                f"{_head(layer)}: expected {what} with keys {sorted(expected)}, got {sorted(got)}"
+                f"{_head(layer)}: expected {what} with keys {sorted(expected)}, got "
+                f"{sorted(got, key=str)}"
             )
         raise ValueError(
             f"{_head(layer)}: {what} do not have the expected structure for input shape "
             f"{tuple(in_shape)}: expected {e_def}, got {g_def}"
         )
     for (path, e), (_, g) in zip(e_leaves, g_leaves, strict=True):
+        if not _is_leaf_value(g):
+            raise TypeError(
+                f"{_head(layer)}: {_leaf_name(what, path)} must be an array of shape "
+                f"{tuple(e.shape)}, got {_checks.describe(g)}"
+            )
+        if floating:
+            dtype = _checks.dtype_of(g)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(
+                    f"{_head(layer)}: {_leaf_name(what, path)} must have a real floating "
+                    f"dtype (e.g. {jnp.dtype(e.dtype).name}), got {dtype}"
+                )
         if tuple(jnp.shape(g)) != tuple(e.shape):
-            if len(path) == 1 and isinstance(path[0], jax.tree_util.DictKey):
-                name = f"{what.rstrip('s')} {path[0].key!r}"  # param 'w', state 'mean'
-            else:
-                name = what + jax.tree_util.keystr(path)
             raise ValueError(
-                f"{_head(layer)}: {name} has shape {tuple(jnp.shape(g))}, expected "
-                f"{tuple(e.shape)} for input shape {tuple(in_shape)}"
+                f"{_head(layer)}: {_leaf_name(what, path)} has shape {tuple(jnp.shape(g))}, "
+                f"expected {tuple(e.shape)} for input shape {tuple(in_shape)}"
             )
 
 

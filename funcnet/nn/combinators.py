@@ -30,6 +30,8 @@ from funcnet.nn.base import (
     Layer,
     Shape,
     _default_state,
+    check_init_key,
+    check_param_limit,
     prefixed,
     rule_forward,
     split_key,
@@ -124,7 +126,13 @@ class _Combinator(Layer):
         return self._map_parts(lambda p, s, i: p.init_state(s), input_shape)
 
     def init(self, key: jax.Array, input_shape: Shape) -> tuple:
-        """A tuple of each part's params, initialised with independent keys."""
+        """A tuple of each part's params, initialised with independent keys.
+
+        Refuses (``ValueError``) more than :data:`funcnet.nn.base.PARAM_LIMIT` parameters
+        in all, before allocating anything.
+        """
+        check_init_key(self, key)
+        check_param_limit(self, input_shape, self.param_shapes(input_shape))
         n = len(self.parts())
         keys = jax.random.split(key, max(n, 1))
         return self._map_parts(lambda p, s, i: p.init(keys[i], s), input_shape)

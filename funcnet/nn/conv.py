@@ -102,6 +102,7 @@ def conv2d(
       ``H_out = floor((H + pad_lo + pad_hi - ((KH - 1) d + 1)) / s) + 1`` (same for W),
       in the promoted dtype of ``x`` and ``w``.
     """
+    x, w, b = _arrays("conv2d", x=x, w=w, b=b)
     stride, dilation, pads = check_conv2d(x, w, b, stride, padding, dilation, groups)
     x, w = _promote(x, w)
     y = lax.conv_general_dilated(
@@ -114,6 +115,20 @@ def conv2d(
         feature_group_count=groups,
     )
     return y if b is None else y + b
+
+
+_WHAT = {"x": "input x", "w": "kernel w", "b": "bias b"}
+
+
+def _arrays(where: str, **arrays: Any) -> list:
+    """The arguments as arrays of real numbers (``None`` kept), else a ``TypeError``."""
+    out = []
+    for name, a in arrays.items():
+        if a is not None or name != "b":
+            a = _checks.as_array(a, _WHAT[name], where)
+            _checks.check_real(a, _WHAT[name], where)
+        out.append(a)
+    return out
 
 
 def _promote(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -151,6 +166,7 @@ def extract_patches(
     ``p[n, i, j, k, l, c] = xp[n, i*s + k*d, j*s + l*d, c]`` with ``xp`` the padded input.
     """
     where = "extract_patches"
+    (x,) = _arrays(where, x=x)
     _checks.check_rank(x.shape, 4, "input x", where, "N, H, W, C")
     window = _checks.ntuple(window, 2, "window", where)
     stride, dilation, pads = _conv_geometry(x.shape, window, stride, padding, dilation, where)
@@ -192,6 +208,7 @@ def locally_connected2d(
     Returns:
       ``(N, H_out, W_out, C_out)``.
     """
+    x, w, b = _arrays("locally_connected2d", x=x, w=w, b=b)
     stride, dilation, pads = check_locally_connected2d(x, w, b, stride, padding, dilation)
     p = extract_patches(x, w.shape[2:4], stride, pads, dilation)
     return locally_connected_from_patches(p, w, b)
@@ -275,6 +292,7 @@ def conv2d_fwd(
     groups: int = 1,
 ):
     """``(conv2d(x, w, b, ...), residuals)``; validates as :func:`conv2d`."""
+    x, w, b = _arrays("conv2d", x=x, w=w, b=b)
     stride, dilation, pads = check_conv2d(x, w, b, stride, padding, dilation, groups)
     x, w = _promote(x, w)
     geom = make_geometry(x.shape[1:3], w.shape[:2], stride, dilation, pads, groups)

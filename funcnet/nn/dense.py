@@ -42,6 +42,14 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     Returns:
       ``(..., out)``: ``y[..., j] = sum_i x[..., i] w[i, j] + b[j]``.
     """
+    where = "dense"
+    x = _checks.as_array(x, "input x", where)
+    w = _checks.as_array(w, "weights w", where)
+    _checks.check_real(x, "input x", where)
+    _checks.check_real(w, "weights w", where)
+    if b is not None:
+        b = _checks.as_array(b, "bias b", where)
+        _checks.check_real(b, "bias b", where)
     if w.ndim != 2:
         raise ValueError(f"dense: expected weights w of rank 2 (in, out), got shape {w.shape}")
     if x.ndim < 1 or x.shape[-1] != w.shape[0]:
@@ -49,12 +57,10 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
             f"dense: input x has {x.shape[-1] if x.ndim else 'no'} features on its last "
             f"axis (shape {x.shape}) but w expects {w.shape[0]} (w shape {w.shape})"
         )
+    if b is not None and b.shape != (w.shape[1],):
+        raise ValueError(f"dense: expected bias b of shape ({w.shape[1]},), got {b.shape}")
     y = jnp.matmul(x, w)
-    if b is not None:
-        if b.shape != (w.shape[1],):
-            raise ValueError(f"dense: expected bias b of shape ({w.shape[1]},), got {b.shape}")
-        y = y + b
-    return y
+    return y if b is None else y + b
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,10 +131,12 @@ class Dense(Layer):
 
     def output_shape(self, input_shape: Shape) -> Shape:
         shape = super().output_shape(input_shape)
+        _checks.check_features(shape, repr(self))
         return (*shape[:-1], self.features)
 
     def param_specs(self, input_shape: Shape) -> dict[str, Shape]:
         shape = _checks.input_shape_tuple(input_shape, repr(self))
+        self.output_shape(shape)
         specs = {"w": (shape[-1], self.features)}
         if self.use_bias:
             specs["b"] = (self.features,)
@@ -149,6 +157,7 @@ class Dense(Layer):
 
     # metadata: 2 * in * out per position plus out for the bias
     def flops(self, input_shape: Shape) -> tuple[int, int]:
+        self.output_shape(input_shape)
         positions = math.prod(input_shape[:-1])
         bias = positions * self.features if self.use_bias else 0
         return 2 * positions * input_shape[-1] * self.features + bias, 0

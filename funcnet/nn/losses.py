@@ -27,7 +27,13 @@ The lecture's table gives the binary-CE derivative without its signs; these are 
 derivatives of the loss that is minimised. With integer labels the softmax-CE target
 term ``y*`` is ``onehot(labels)`` and the labels get no gradient (``None``).
 Binary CE clamps each log at -100 (as the forward); where the clamp is active the
-derivative of that term is 0.
+derivative of that term is 0 (the forward computes the clamp with the double-``where``
+trick, so ``jax.grad`` agrees with the rule and stays finite at ``p`` exactly 0 or 1).
+
+Inputs are validated before any work: arrays of real numbers (not complex), matching
+shapes; probabilities and binary / soft targets in ``[0, 1]`` and integer labels in
+``[0, K)`` when their values are concrete (under ``jit`` or ``grad`` they are not
+known, and are not checked).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from funcnet import _checks
 from funcnet.nn.base import Rule
@@ -50,6 +57,16 @@ def _batch_mean(per_element: jax.Array) -> jax.Array:
     if per_element.ndim == 0:
         return per_element
     return jnp.mean(jnp.sum(per_element.reshape(per_element.shape[0], -1), axis=1))
+
+
+def _pair(a, b, names: tuple[str, str], where: str):
+    """``(a, b)`` as arrays of real numbers of the same shape, else an error naming them."""
+    a = _checks.as_array(a, names[0], where)
+    b = _checks.as_array(b, names[1], where)
+    _checks.check_real(a, names[0], where)
+    _checks.check_real(b, names[1], where)
+    _same_shape(a, b, names, where)
+    return a, b
 
 
 def _same_shape(a, b, names: tuple[str, str], where: str) -> None:
@@ -66,7 +83,7 @@ def quadratic(y: jax.Array, target: jax.Array) -> jax.Array:
     Its derivative is ``dJ/dy = y - y*`` (per example). ``y`` and ``target``: same shape
     ``(N, ...)``.
     """
-    _same_shape(y, target, ("y", "target"), "quadratic")
+    y, target = _pair(y, target, ("y", "target"), "quadratic")
     d = y - target
     return _batch_mean(0.5 * d * d)
 
@@ -80,20 +97,52 @@ def binary_cross_entropy(p: jax.Array, target: jax.Array) -> jax.Array:
 
     ``p`` in ``[0, 1]`` and ``target`` in ``[0, 1]``, same shape ``(N, ...)``. Each log is
     clamped at ``-100`` (as PyTorch's ``BCELoss``), so probabilities of exactly 0 or 1
-    give a finite loss. Prefer :func:`binary_cross_entropy_with_logits` on logits.
+    give a finite loss, and a gradient that is finite too (0 for a clamped term, as the
+    hand rule). Concrete ``p`` or ``target`` outside ``[0, 1]`` (logits passed by
+    mistake) raise a ``ValueError``. Prefer :func:`binary_cross_entropy_with_logits` on
+    logits.
     """
-    _same_shape(p, target, ("p", "target"), "binary_cross_entropy")
-    log_p = jnp.maximum(jnp.log(p), LOG_CLAMP)
-    log_1mp = jnp.maximum(jnp.log1p(-p), LOG_CLAMP)
+    where = "binary_cross_entropy"
+    p, target = _pair(p, target, ("p", "target"), where)
+    _checks.check_in_unit_interval(
+        p, "p (probabilities; for logits use binary_cross_entropy_with_logits)", where
+    )
+    _checks.check_in_unit_interval(target, "target", where)
+    log_p, log_1mp = _clamped_logs(p)
     return _batch_mean(-(target * log_p + (1.0 - target) * log_1mp))
+
+
+def _clamped_logs(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``max(log p, -100)`` and ``max(log(1 - p), -100)`` with finite gradients.
+
+    Where a log is clamped its derivative is 0, as in the hand rule. A plain
+    ``maximum(log p, -100)`` is not enough for ``jax.grad``: at ``p = 0`` the derivative
+    of ``log`` is ``inf`` and the chain rule's ``0 * inf`` is NaN, even where the term's
+    weight (``target`` or ``1 - target``) is 0. So the log is taken of a safe value
+    where it would be clamped (the double-``where`` trick).
+    """
+    p = jnp.asarray(p)
+    if not jnp.issubdtype(p.dtype, jnp.floating):
+        p = p.astype(jnp.result_type(float))
+    clamp = jnp.asarray(LOG_CLAMP, p.dtype)
+    one, zero = jnp.ones((), p.dtype), jnp.zeros((), p.dtype)
+    live_p = jnp.log(lax.stop_gradient(p)) > clamp  # the rule's masks, exactly
+    live_1mp = jnp.log1p(-lax.stop_gradient(p)) > clamp
+    log_p = jnp.where(live_p, jnp.log(jnp.where(live_p, p, one)), clamp)
+    log_1mp = jnp.where(live_1mp, jnp.log1p(-jnp.where(live_1mp, p, zero)), clamp)
+    return log_p, log_1mp
 
 
 def binary_cross_entropy_with_logits(logits: jax.Array, target: jax.Array) -> jax.Array:
     """:func:`binary_cross_entropy` of ``sigmoid(logits)``, computed stably.
 
     ``max(z, 0) - z y* + log(1 + exp(-|z|))``: finite for logits of any magnitude.
+    ``target`` (hard or soft labels) must lie in ``[0, 1]`` (a ``ValueError`` when
+    concrete).
     """
-    _same_shape(logits, target, ("logits", "target"), "binary_cross_entropy_with_logits")
+    where = "binary_cross_entropy_with_logits"
+    logits, target = _pair(logits, target, ("logits", "target"), where)
+    _checks.check_in_unit_interval(target, "target", where)
     return _batch_mean(optax.sigmoid_binary_cross_entropy(logits, target))
 
 
@@ -122,6 +171,9 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
       ``(softmax(z) - onehot) / N``.
     """
     where = "softmax_cross_entropy"
+    logits = _checks.as_array(logits, "logits", where)
+    labels = _checks.as_array(labels, "labels", where)
+    _checks.check_floating(logits, "logits", where)
     _checks.check_rank(jnp.shape(logits), 2, "logits", where, "N, K")
     labels_dtype = jnp.result_type(labels)
     if jnp.issubdtype(labels_dtype, jnp.integer):
@@ -134,6 +186,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     elif jnp.issubdtype(labels_dtype, jnp.floating):
         _same_shape(logits, labels, ("logits", "one-hot labels"), where)
+        _checks.check_in_unit_interval(labels, "one-hot (or probability) labels", where)
         per_example = optax.softmax_cross_entropy(logits, labels)
     else:
         raise TypeError(

@@ -72,6 +72,12 @@ def pool_geometry(x_shape, window, stride, padding, where):
     stride = window if stride is None else _checks.ntuple(stride, 2, "stride", where)
     padding = geo.normalize_padding(padding, 2, where)
     pads = geo.resolve_padding(padding, x_shape[1:3], window, stride)
+    if any(lo >= k or hi >= k for (lo, hi), k in zip(pads, window, strict=True)):
+        # "SAME" never pads a whole window; explicit padding can
+        raise ValueError(
+            f"{where}: padding {pads} must be smaller than the window {window} on every "
+            f"side (a window of padding alone has no input)"
+        )
     geo.check_window_fits(x_shape[1:3], window, pads, where)
     return window, stride, pads
 
@@ -104,6 +110,7 @@ def max_pool(x: jax.Array, window: Any, stride: Any = None, padding: Any = "VALI
       ``(N, H_out, W_out, C)``, ``H_out = floor((H + pads - PH) / s) + 1``.
     """
     where = "max_pool"
+    x = _checks.as_array(x, "input x", where)
     _checks.check_floating(x, "input x", where)
     window, stride, pads = pool_geometry(x.shape, window, stride, padding, where)
     return _reduce(x, -jnp.inf, lax.max, window, stride, pads)
@@ -112,6 +119,7 @@ def max_pool(x: jax.Array, window: Any, stride: Any = None, padding: Any = "VALI
 def sum_pool(x: jax.Array, window: Any, stride: Any = None, padding: Any = "VALID") -> jax.Array:
     """Sum over each window (zero padding); shapes as :func:`max_pool`."""
     where = "sum_pool"
+    x = _checks.as_array(x, "input x", where)
     _checks.check_floating(x, "input x", where)
     window, stride, pads = pool_geometry(x.shape, window, stride, padding, where)
     return _reduce(x, 0.0, lax.add, window, stride, pads)
@@ -142,6 +150,11 @@ def avg_pool(
     Shapes as :func:`max_pool`.
     """
     where = "avg_pool"
+    if not isinstance(count_include_pad, bool):
+        raise TypeError(
+            f"{where}: count_include_pad must be True or False, got {count_include_pad!r}"
+        )
+    x = _checks.as_array(x, "input x", where)
     _checks.check_floating(x, "input x", where)
     window, stride, pads = pool_geometry(x.shape, window, stride, padding, where)
     total = _reduce(x, 0.0, lax.add, window, stride, pads)
@@ -175,6 +188,7 @@ def lp_pool(
     """
     where = "lp_pool"
     p = _check_p(p, where)
+    x = _checks.as_array(x, "input x", where)
     _checks.check_floating(x, "input x", where)
     window, stride, pads = pool_geometry(x.shape, window, stride, padding, where)
     powered = x * x if p == 2 else jnp.abs(x) ** p
@@ -212,6 +226,7 @@ def feature_l2_pool(x: jax.Array, group_size: int) -> jax.Array:
       ``(..., C // group_size)``; 0 with gradient 0 on an all-zero group.
     """
     where = "feature_l2_pool"
+    x = _checks.as_array(x, "input x", where)
     _checks.check_floating(x, "input x", where)
     g = _feature_groups(x, group_size, where)
     return _safe_root(jnp.sum(g * g, axis=-1), 2)
@@ -223,6 +238,7 @@ def feature_max_pool(x: jax.Array, group_size: int) -> jax.Array:
     Groups as :func:`feature_l2_pool`. Returns ``(..., C // group_size)``.
     """
     where = "feature_max_pool"
+    x = _checks.as_array(x, "input x", where)
     _checks.check_floating(x, "input x", where)
     return jnp.max(_feature_groups(x, group_size, where), axis=-1)
 
@@ -463,6 +479,7 @@ RULES = {
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """Mean over every spatial axis: ``(N, ..., C) -> (N, C)`` (ResNet's and GoogLeNet's head)."""
+    x = _checks.as_array(x, "input x", "global_avg_pool")
     if x.ndim < 3:
         raise ValueError(
             f"global_avg_pool: expected an input (N, ..., C) with spatial axes, got shape "
@@ -645,6 +662,7 @@ class _FeaturePool(OpLayer):
 
     def output_shape(self, input_shape: Shape) -> Shape:
         shape = super().output_shape(input_shape)
+        _checks.check_features(shape, repr(self))
         if shape[-1] % self.group_size:
             raise ValueError(
                 f"{self!r}: the number of features (last axis) {shape[-1]} is not "

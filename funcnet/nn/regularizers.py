@@ -23,7 +23,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from funcnet import _checks
 from funcnet.nn.base import Rule
 
 Mask = Any | Callable[[Any], Any]
@@ -38,17 +40,56 @@ def weights_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_weight, params)
 
 
-def _masked_leaves(params: Any, mask: Mask, where: str) -> list[jax.Array]:
+def _check_params(params: Any, where: str) -> None:
+    """Every leaf of ``params`` is an array (or number) of reals, else a ``TypeError``
+    naming the leaf."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path) or "(root)"
+        if not (hasattr(leaf, "dtype") or isinstance(leaf, int | float | complex)):
+            raise TypeError(
+                f"{where}: params{'' if name == '(root)' else name} must be an array, got "
+                f"{type(leaf).__name__} {leaf!r}"
+            )
+        dtype = _checks.dtype_of(leaf)
+        if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)) \
+                or dtype == jnp.bool_:
+            raise TypeError(
+                f"{where}: params{'' if name == '(root)' else name} must hold real numbers "
+                f"(a floating dtype), got {dtype}"
+            )
+
+
+def _mask_bools(params: Any, mask: Mask, where: str) -> tuple[Any, list[bool]]:
+    """``(treedef of params, the mask's leaves as Python bools)``, validated."""
+    _check_params(params, where)
     if callable(mask):
         mask = mask(params)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    treedef = jax.tree_util.tree_structure(params)
     mask_leaves, mask_def = jax.tree_util.tree_flatten(mask)
     if mask_def != treedef:
         raise ValueError(
             f"{where}: mask must have the same tree structure as params; params are "
             f"{treedef}, mask is {mask_def}"
         )
-    return [leaf for leaf, m in zip(leaves, mask_leaves, strict=True) if m]
+    bools = []
+    for m in mask_leaves:
+        if isinstance(m, bool | np.bool_):
+            bools.append(bool(m))
+        elif hasattr(m, "dtype") and m.dtype == jnp.bool_ and jnp.shape(m) == () \
+                and _checks.is_concrete(m):
+            bools.append(bool(m))
+        else:
+            raise TypeError(
+                f"{where}: mask leaves must be True or False (one per parameter array), "
+                f"got {type(m).__name__} {m!r}"
+            )
+    return treedef, bools
+
+
+def _masked_leaves(params: Any, mask: Mask, where: str) -> list[jax.Array]:
+    _, bools = _mask_bools(params, mask, where)
+    leaves = jax.tree_util.tree_leaves(params)
+    return [leaf for leaf, m in zip(leaves, bools, strict=True) if m]
 
 
 def l2(params: Any, mask: Mask = weights_mask) -> jax.Array:
@@ -66,16 +107,8 @@ def l1(params: Any, mask: Mask = weights_mask) -> jax.Array:
 
 def _mask_tree(params: Any, mask: Mask, where: str) -> Any:
     """The mask as a pytree of Python bools with the structure of ``params``."""
-    if callable(mask):
-        mask = mask(params)
-    treedef = jax.tree_util.tree_structure(params)
-    mask_leaves, mask_def = jax.tree_util.tree_flatten(mask)
-    if mask_def != treedef:
-        raise ValueError(
-            f"{where}: mask must have the same tree structure as params; params are "
-            f"{treedef}, mask is {mask_def}"
-        )
-    return jax.tree_util.tree_unflatten(treedef, [bool(m) for m in mask_leaves])
+    treedef, bools = _mask_bools(params, mask, where)
+    return jax.tree_util.tree_unflatten(treedef, bools)
 
 
 def _masked_map(fn, params: Any, mask: Mask, where: str) -> Any:

@@ -13,17 +13,69 @@ from typing import Any, NamedTuple
 
 import jax
 
+from funcnet import _checks
 from funcnet.nn.base import RF, OpLayer, Rule, Shape, static
+
+
+def _batched(x: Any, where: str) -> jax.Array:
+    x = _checks.as_array(x, "input x", where)
+    if x.ndim < 1:
+        raise ValueError(f"{where}: expected a batched input x (N, ...), got a scalar")
+    return x
 
 
 def flatten(x: jax.Array) -> jax.Array:
     """``(N, d1, d2, ...) -> (N, d1 * d2 * ...)``."""
+    x = _batched(x, "flatten")
     return x.reshape(x.shape[0], -1)
 
 
 def reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """``(N, ...) -> (N, *shape)``; ``shape`` excludes the batch axis and may hold one -1."""
-    return x.reshape(x.shape[0], *shape)
+    x = _batched(x, "reshape")
+    target = _target_shape(shape, "reshape")
+    _reshaped(tuple(x.shape[1:]), target, "reshape")
+    return x.reshape(x.shape[0], *target)
+
+
+def _target_shape(shape: Any, where: str) -> tuple[int, ...]:
+    """``shape`` as a tuple of positive ints with at most one -1, else a ``TypeError``."""
+    bad = TypeError(
+        f"{where}: shape must be a tuple of positive ints (at most one -1), without "
+        f"the batch axis; got {shape!r}"
+    )
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, tuple | list) or not shape:
+        raise bad
+    if any(isinstance(d, bool) for d in shape):
+        raise bad
+    try:
+        shape = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise bad from None
+    if any(d == 0 or d < -1 for d in shape) or shape.count(-1) > 1:
+        raise bad
+    return shape
+
+
+def _reshaped(in_shape: Shape, target: tuple[int, ...], where: str) -> Shape:
+    """The shape ``in_shape`` takes reshaped to ``target`` (``-1`` inferred), else a
+    ``ValueError`` naming both."""
+    size, known = math.prod(in_shape), math.prod(d for d in target if d != -1)
+    if -1 in target:
+        if size % known:
+            raise ValueError(
+                f"{where}: cannot reshape an input of shape {in_shape} ({size} elements) "
+                f"to {target}"
+            )
+        return tuple(size // known if d == -1 else d for d in target)
+    if known != size:
+        raise ValueError(
+            f"{where}: cannot reshape an input of shape {in_shape} ({size} elements) to "
+            f"{target} ({known} elements)"
+        )
+    return target
 
 
 @static
@@ -62,7 +114,9 @@ class Flatten(OpLayer):
     rule = RULES[flatten]
 
     def output_shape(self, input_shape: Shape) -> Shape:
-        return (math.prod(super().output_shape(input_shape)),)
+        shape = super().output_shape(input_shape)
+        _checks.check_features(shape, repr(self))
+        return (math.prod(shape),)
 
     def flops(self, input_shape: Shape) -> tuple[int, int]:
         return 0, 0
@@ -81,41 +135,11 @@ class Reshape(OpLayer):
     rule = RULES[reshape]
 
     def __post_init__(self):
-        shape = self.shape
-        bad = TypeError(
-            f"Reshape: shape must be a tuple of positive ints (at most one -1), without "
-            f"the batch axis; got {shape!r}"
-        )
-        if isinstance(shape, int) and not isinstance(shape, bool):
-            shape = (shape,)
-        if not isinstance(shape, tuple | list) or not shape:
-            raise bad
-        if any(isinstance(d, bool) for d in shape):
-            raise bad
-        try:
-            shape = tuple(operator.index(d) for d in shape)
-        except TypeError:
-            raise bad from None
-        if any(d == 0 or d < -1 for d in shape) or shape.count(-1) > 1:
-            raise bad
-        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "shape", _target_shape(self.shape, "Reshape"))
 
     def output_shape(self, input_shape: Shape) -> Shape:
         shape = super().output_shape(input_shape)
-        size, known = math.prod(shape), math.prod(d for d in self.shape if d != -1)
-        if -1 in self.shape:
-            if size % known:
-                raise ValueError(
-                    f"{self!r}: cannot reshape an input of shape {shape} ({size} elements) "
-                    f"to {self.shape}"
-                )
-            return tuple(size // known if d == -1 else d for d in self.shape)
-        if known != size:
-            raise ValueError(
-                f"{self!r}: cannot reshape an input of shape {shape} ({size} elements) to "
-                f"{self.shape} ({known} elements)"
-            )
-        return self.shape
+        return _reshaped(shape, self.shape, repr(self))
 
     def hyper(self):
         return {"shape": self.shape}

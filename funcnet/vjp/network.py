@@ -19,6 +19,8 @@ without a rule falls back to ``jax.vjp`` the same way.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -39,10 +41,19 @@ class LayerRule(NamedTuple):
 
 def layer_rule(layer: Layer) -> LayerRule:
     """``layer``'s own rule: ``(layer.fwd, layer.bwd)`` (the ``jax.vjp`` fallback when it
-    has none written by hand; ``type(layer).has_hand_rule()`` tells which)."""
+    has none written by hand; ``type(layer).has_hand_rule()`` tells which).
+
+    ``fwd(params, state, x, *, key=None, train=False)`` validates its arguments first (as
+    ``apply`` does), so wrong params are a ``ValueError`` naming the layer, not a
+    ``KeyError`` from inside the rule.
+    """
     if not isinstance(layer, Layer):
         raise TypeError(f"vjp: expected a funcnet layer, got {layer!r}")
-    return LayerRule(layer.fwd, layer.bwd)
+
+    def fwd(params, state, x, *, key=None, train=False):
+        return rule_forward(layer, params, state, x, key=key, train=train)
+
+    return LayerRule(fwd, layer.bwd)
 
 
 def _loss_value_and_delta(loss_fn: Callable, out: jax.Array, y: Any):
@@ -88,6 +99,25 @@ def _check_regularizer(regularizer: Any, where: str) -> None:
         )
 
 
+def _check_loss(loss_fn: Any, where: str) -> None:
+    if not callable(loss_fn):
+        raise TypeError(
+            f"{where}: loss_fn must be a function (outputs, y) -> scalar, e.g. "
+            f"funcnet.losses.softmax_cross_entropy, got {loss_fn!r}"
+        )
+
+
+def _check_lam(regularizer: Any, lam: Any, where: str) -> None:
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"{where}: lam must be a finite non-negative number, got {lam!r}")
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"{where}: lam must be a finite non-negative number, got {lam!r}")
+    if lam > 0 and regularizer is None:
+        raise ValueError(
+            f"{where}: lam={lam} needs a regularizer (e.g. funcnet.regularizers.l2)"
+        )
+
+
 def value_and_grad_with_state(
     net: Layer,
     loss_fn: Callable[[jax.Array, Any], jax.Array],
@@ -104,8 +134,11 @@ def value_and_grad_with_state(
     (``funcnet.regularizers.l2`` / ``l1``) ``lam * Omega`` is added to the loss and
     ``lam * grad Omega`` to the gradients. Pure and ``jit``-compatible.
     """
-    net = _as_network(net, "vjp.value_and_grad_with_state")
-    _check_regularizer(regularizer, "vjp.value_and_grad_with_state")
+    where = "vjp.value_and_grad_with_state"
+    net = _as_network(net, where)
+    _check_loss(loss_fn, where)
+    _check_regularizer(regularizer, where)
+    _check_lam(regularizer, lam, where)
 
     def f(params, state, x, y, key=None, train=True):
         out, new_state, res = rule_forward(net, params, state, x, key=key, train=train)  # 1.
@@ -138,12 +171,15 @@ def value_and_grad(
     and ``lam * grad Omega`` is added to the gradients. Pure and ``jit``-compatible. With
     ``return_outputs=True``, ``f`` returns ``(loss, grads, outputs)``.
     """
-    net = _as_network(net, "vjp.value_and_grad")
-    _check_regularizer(regularizer, "vjp.value_and_grad")
+    where = "vjp.value_and_grad"
+    net = _as_network(net, where)
+    _check_loss(loss_fn, where)
+    _check_regularizer(regularizer, where)
+    _check_lam(regularizer, lam, where)
     inner = value_and_grad_with_state(net, loss_fn, regularizer, lam)
 
     def f(params, x, y):
-        x = jnp.asarray(x)
+        x = net.check_input(x)
         in_shape = tuple(x.shape[1:])
         if net.has_state(in_shape):
             raise ValueError(
@@ -158,6 +194,7 @@ def value_and_grad(
 
 def regularizer_value_and_grad(regularizer: Callable, mask: Any = None) -> Callable:
     """``f(params) -> (Omega, grad Omega)`` from the hand rule of ``l2`` / ``l1``."""
+    _check_regularizer(regularizer, "vjp.regularizer_value_and_grad")
     grad_fn = vreg.GRADS[regularizer]
 
     def f(params):

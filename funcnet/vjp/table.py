@@ -34,14 +34,29 @@ FAMILIES = [dense, conv, pool, activation, reshape, normalization, dropout, embe
 RULES: dict[Callable, Rule] = {op: rule for family in FAMILIES for op, rule in family.RULES.items()}
 
 
+def _known_ops() -> str:
+    return ", ".join(sorted(f.__module__.split(".")[-1] + "." + f.__name__ for f in RULES))
+
+
 def rule_for(op: Callable) -> Rule:
-    """The hand-written :class:`Rule` of ``op``; ``KeyError`` naming the known ops if none."""
+    """The hand-written :class:`Rule` of ``op``.
+
+    A ``TypeError`` if ``op`` is not a function, a ``ValueError`` naming ``op`` and
+    listing the known ops if it has no rule (e.g. ``jnp.sin``).
+    """
+    if not callable(op):
+        raise TypeError(
+            f"vjp: op must be one of funcnet's ops (a function such as fn.ops.conv2d), got "
+            f"{type(op).__name__} {op!r}; rules exist for: {_known_ops()}"
+        )
     try:
         return RULES[op]
     except (KeyError, TypeError):
-        known = ", ".join(sorted(f.__module__.split(".")[-1] + "." + f.__name__ for f in RULES))
-        raise KeyError(
-            f"no hand-written rule for {getattr(op, '__name__', op)!r}; rules exist for: {known}"
+        name = getattr(op, "__qualname__", None) or getattr(op, "__name__", None) or repr(op)
+        module = getattr(op, "__module__", None)
+        full = f"{module}.{name}" if module else name
+        raise ValueError(
+            f"vjp: no hand-written rule for {full!r}; rules exist for: {_known_ops()}"
         ) from None
 
 
@@ -62,7 +77,10 @@ def manual(op: Callable) -> Callable:
 
     @functools.wraps(op)
     def wrapped(*args: Any, **kwargs: Any):
-        bound = signature.bind(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"vjp.manual({op.__name__}){signature}: {e}") from None
         bound.apply_defaults()
         arrays = tuple(bound.arguments[name] for name in rule.diff)
         static = {k: v for k, v in bound.arguments.items() if k not in rule.diff}
