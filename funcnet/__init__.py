@@ -49,6 +49,7 @@ from funcnet.layers import (
     Tanh,
 )
 from funcnet.nets import Parallel, Residual, Serial
+from funcnet.nn.base import set_param_limit
 from funcnet.summary import Summary, param_count, summary
 
 __version__ = "0.1.0"
@@ -95,6 +96,7 @@ __all__ = [
     "ops",
     "param_count",
     "regularizers",
+    "set_param_limit",
     "summary",
     "train",
     "vjp",

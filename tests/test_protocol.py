@@ -300,6 +300,23 @@ def test_init_with_the_batch_dimension_says_so():
         fn.models.lenet5().init(jax.random.key(0), (32, 28, 28, 1))
 
 
+def test_a_stochastic_layer_in_training_needs_a_key():
+    @dataclasses.dataclass(frozen=True, repr=False)
+    class Noise(fn.Layer):
+        stochastic = True
+
+        def forward(self, params, state, x, *, key=None, train=False):
+            return (x + jax.random.normal(key, x.shape) if train else x), state
+
+    net = fn.Serial([fn.Dense(2), Noise()])
+    params = net.init(jax.random.key(0), (3,))
+    x = jnp.ones((1, 3))
+    with pytest.raises(ValueError, match=r"Serial layer 1: Noise\(\): training mode .* needs a PRNG key"):
+        net.apply(params, x, train=True)
+    assert net.apply(params, x).shape == (1, 2)  # evaluation needs no key
+    assert net.apply(params, x, key=jax.random.key(1), train=True).shape == (1, 2)
+
+
 def test_bad_train_flag_key_and_state_name_the_layer():
     net = fn.Serial([fn.Dense(2)])
     params = net.init(jax.random.key(0), (3,))

@@ -240,7 +240,8 @@ def prefixed(err: Exception, prefix: str) -> Exception:
 class Layer:
     """Base class of every layer and network; see the module docstring for the protocol."""
 
-    #: ``True`` for layers whose training-mode forward draws random numbers from ``key``.
+    #: ``True`` for layers whose training-mode forward draws random numbers from ``key``:
+    #: running one in training without a key is refused, naming the layer.
     stochastic: ClassVar[bool] = False
     #: ``True`` for convolution-like layers (``train.choose_epoch_mode`` reads it).
     convolutional: ClassVar[bool] = False
@@ -495,6 +496,12 @@ def _key_problem(key: Any) -> str | None:
 
 def _check_key(layer: Layer, key: Any, train: bool) -> None:
     if key is None:
+        if train and layer.stochastic:
+            raise ValueError(
+                f"{_head(layer)}: training mode draws random numbers (a stochastic layer) "
+                f"and needs a PRNG key: pass key=jax.random.key(seed) with train=True (fit "
+                f"and make_step give every step its own)"
+            )
         return
     problem = _key_problem(key)
     if problem is not None:

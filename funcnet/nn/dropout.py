@@ -153,7 +153,9 @@ class Dropout(Layer):
     rate: float
     broadcast_dims: tuple[int, ...] = ()
 
-    stochastic = True
+    @property
+    def stochastic(self) -> bool:  # rate 0 is the identity: no key needed
+        return self.rate > 0
 
     def __post_init__(self):
         where = type(self).__name__
