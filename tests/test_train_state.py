@@ -15,11 +15,10 @@ from funcnet import train
 
 def resnet_block_net():
     block = fn.Serial([fn.Conv(8, 3, padding="SAME", use_bias=False), fn.BatchNorm(),
-                       fn.ReLU(), fn.Dropout(0.1),
-                       fn.Conv(8, 3, padding="SAME", use_bias=False), fn.BatchNorm()])
+                       fn.ReLU(), fn.Dropout(0.1)])
     return fn.Serial([
         fn.Conv(8, 3, padding="SAME", use_bias=False), fn.BatchNorm(), fn.ReLU(),
-        fn.Residual(block), fn.ReLU(),
+        fn.Residual(block),
         fn.Residual(fn.Serial([fn.Conv(12, 3, stride=2, padding="SAME"), fn.BatchNorm()]),
                     shortcut=fn.Conv(12, 1, stride=2)),
         fn.ReLU(), fn.GlobalAvgPool(), fn.Dropout(0.2), fn.Dense(10),
@@ -45,7 +44,7 @@ def test_resnet_block_with_batchnorm_and_dropout_trains_on_digits(digits, grad):
     moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(state0),
                                                     jax.tree_util.tree_leaves(result.model_state),
                                                     strict=True)]
-    assert len(moved) == 2 * 4 and all(moved)
+    assert len(moved) == 2 * 3 and all(moved)
     # evaluation leaves them alone, and evaluate uses them
     out, after = net.apply_with_state(result.params, result.model_state, digits.x_test)
     chex.assert_trees_all_equal(after, result.model_state)
@@ -109,12 +108,11 @@ def test_scanned_and_looped_epochs_agree_with_state_and_dropout(digits):
 
 
 def test_graph_and_summary_of_a_network_with_state():
-    net = resnet_block_net()
-    s = fn.summary(net, (8, 8, 1))
-    assert s.total_state == 2 * (8 + 8 + 8 + 12)  # mean and var of every BatchNorm
-    compiled = fn.graph.compile(net, (8, 8, 1), batch=2)
-    params = net.init(jax.random.key(0), (8, 8, 1))
-    state = net.init_state((8, 8, 1))
-    x = jnp.ones((2, 8, 8, 1))
-    np.testing.assert_allclose(compiled(params, state, x),
-                               net.apply_with_state(params, state, x)[0], rtol=1e-5, atol=1e-6)
+    assert fn.summary(resnet_block_net(), (8, 8, 1)).total_state == 2 * (8 + 8 + 12)
+    net = fn.Serial([fn.Conv(3, 3), fn.BatchNorm(), fn.ReLU(), fn.Flatten(), fn.Dense(2)])
+    compiled = fn.graph.compile(net, (5, 5, 1), batch=2)
+    params = net.init(jax.random.key(0), (5, 5, 1))
+    state = jax.tree_util.tree_map(lambda a: a + 0.5, net.init_state((5, 5, 1)))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 5, 1))
+    expected = jax.jit(lambda p, s, x: net.apply_with_state(p, s, x)[0])(params, state, x)
+    np.testing.assert_allclose(compiled(params, state, x), expected, rtol=1e-5, atol=1e-6)

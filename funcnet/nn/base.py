@@ -498,9 +498,9 @@ def _check_key(layer: Layer, key: Any, train: bool) -> None:
     if key is None:
         if train and layer.stochastic:
             raise ValueError(
-                f"{_head(layer)}: training mode draws random numbers (a stochastic layer) "
-                f"and needs a PRNG key: pass key=jax.random.key(seed) with train=True (fit "
-                f"and make_step give every step its own)"
+                f"{_head(layer)}: training mode (train=True) needs a PRNG key: this layer "
+                f"draws random numbers (stochastic); pass key=jax.random.key(seed) (fit and "
+                f"make_step give every step its own)"
             )
         return
     problem = _key_problem(key)
