@@ -27,6 +27,7 @@ def saved(tmp_path_factory):
     return net, params, path
 
 
+@pytest.mark.slow  # heavier integration check; CI runs the slow tier
 def test_round_trip_in_a_fresh_process_for_two_batch_sizes(saved, tmp_path):
     net, params, path = saved
     xs = {f"x{n}": np.asarray(jax.random.normal(jax.random.key(n), (n, *SHAPE))) for n in (1, 5)}

@@ -105,6 +105,7 @@ def test_plain_functions_take_jit_options():
         graph.cost_analysis(fn.Dense(3), (4,), (5,))
 
 
+@pytest.mark.slow  # heavier integration check; CI runs the slow tier
 def test_persistent_compilation_cache_hits_in_a_fresh_process(tmp_path):
     script = textwrap.dedent(
         """

@@ -149,6 +149,7 @@ def _manual_equals_autodiff(net, shape, labels):
         return params, grads_m
 
 
+@pytest.mark.slow  # heavier integration check; CI runs the slow tier
 def test_inception_style_parallel_manual_equals_autodiff():
     block = fn.Parallel([
         fn.Conv(2, 1),
@@ -162,6 +163,7 @@ def test_inception_style_parallel_manual_equals_autodiff():
     _manual_equals_autodiff(net, (5, 5, 1), [0, 2, 1])
 
 
+@pytest.mark.slow  # heavier integration check; CI runs the slow tier
 def test_residual_blocks_identity_and_projection_manual_equals_autodiff():
     body = fn.Serial([fn.Conv(4, 3, stride=2, padding="SAME"), fn.ReLU(),
                       fn.Conv(4, 3, padding="SAME")])

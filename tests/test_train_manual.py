@@ -54,6 +54,7 @@ def test_manual_steps_give_the_same_parameters_as_autodiff(name, net):
         assert _max_rel(final["autodiff"], final["manual"]) < 1e-9
 
 
+@pytest.mark.slow  # heavier integration check; CI runs the slow tier
 def test_fit_manual_with_partial_batches_and_regularizer_matches_autodiff():
     with jax.enable_x64(True):
         split = fn.data.digits(seed=0)

@@ -30,6 +30,7 @@ def digits():
     return fn.data.digits()
 
 
+@pytest.mark.slow  # heavier integration check; CI runs the slow tier
 @pytest.mark.parametrize("grad", ["autodiff", "manual"])
 def test_resnet_block_with_batchnorm_and_dropout_trains_on_digits(digits, grad):
     net = resnet_block_net()

@@ -56,6 +56,7 @@ def test_conv2d_rule_matches_autodiff_and_differences(in_shape, k_shape, stride,
     _assert_rule(report)
 
 
+@pytest.mark.slow  # many random geometries; CI runs the slow tier
 @settings(max_examples=8, deadline=None)
 @given(
     h=st.integers(3, 9), w=st.integers(3, 9), c=st.integers(1, 3), o=st.integers(1, 3),

@@ -60,6 +60,7 @@ def test_pool_rule_matches_autodiff_and_differences(kind, window, stride, paddin
     _assert_rule(report)
 
 
+@pytest.mark.slow  # many random geometries; CI runs the slow tier
 @settings(max_examples=8, deadline=None)
 @given(
     h=st.integers(2, 8), w=st.integers(2, 8), ph=st.integers(1, 3), pw=st.integers(1, 3),
