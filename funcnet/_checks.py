@@ -6,6 +6,8 @@ the error it raises names the culprit, the expected value and the given one.
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -165,3 +167,30 @@ def check_in_unit_interval(x: Any, what: str, where: str) -> None:
         raise ValueError(
             f"{where}: {what} must lie in [0, 1], got values in [{lo:.6g}, {hi:.6g}]"
         )
+
+
+def check_loss_fn(loss: Any, where: str, name: str = "loss") -> None:
+    """``loss`` is a function ``(outputs, y) -> scalar``, else a ``TypeError``."""
+    if not callable(loss):
+        raise TypeError(
+            f"{where}: {name} must be a function (outputs, y) -> scalar (e.g. "
+            f"funcnet.losses.softmax_cross_entropy), got {loss!r}"
+        )
+
+
+def check_lam(regularizer: Any, lam: Any, where: str) -> float:
+    """``lam`` a finite non-negative number with a callable ``regularizer`` when positive."""
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"{where}: lam must be a finite non-negative number, got {lam!r}")
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"{where}: lam must be a finite non-negative number, got {lam!r}")
+    if regularizer is not None and not callable(regularizer):
+        raise TypeError(
+            f"{where}: regularizer must be a function params -> Omega (e.g. "
+            f"funcnet.regularizers.l2), got {regularizer!r}"
+        )
+    if lam > 0 and regularizer is None:
+        raise ValueError(
+            f"{where}: lam={lam} needs a regularizer (e.g. funcnet.regularizers.l2)"
+        )
+    return float(lam)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from funcnet import _checks
 from funcnet import checkpoint as _ckpt
 from funcnet import data as _data
 from funcnet import losses as _losses
@@ -290,14 +291,6 @@ def _check_bool(value: Any, name: str, where: str) -> bool:
     return bool(value)
 
 
-def _check_loss_fn(loss: Any, where: str) -> None:
-    if not callable(loss):
-        raise TypeError(
-            f"{where}: loss must be a function (outputs, y) -> scalar (e.g. "
-            f"funcnet.losses.softmax_cross_entropy), got {loss!r}"
-        )
-
-
 def _as_array(value: Any, name: str, where: str) -> Any:
     """``value`` as an array (jax arrays as they are, anything else through numpy), with
     a named error for what numpy cannot make a numeric array of (ragged lists, objects)."""
@@ -378,23 +371,6 @@ def step_keys(seed: Any) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
 
 
-def _check_lam(regularizer: Any, lam: Any, where: str = "lam") -> float:
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"{where}: lam must be a finite non-negative number, got {lam!r}")
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"{where}: lam must be a finite non-negative number, got {lam!r}")
-    if regularizer is not None and not callable(regularizer):
-        raise TypeError(
-            f"{where}: regularizer must be a function params -> Omega (e.g. "
-            f"funcnet.regularizers.l2), got {regularizer!r}"
-        )
-    if lam > 0 and regularizer is None:
-        raise ValueError(
-            f"{where}: lam={lam} needs a regularizer (e.g. funcnet.regularizers.l2)"
-        )
-    return float(lam)
-
-
 def _all_finite(*trees: Any) -> jax.Array:
     """One boolean scalar: every floating element of ``trees`` is finite (one reduction
     per leaf; exact, unlike a running sum, which can overflow for finite float16 values)."""
@@ -430,9 +406,9 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0, where=
     """
     if guard not in GUARDS:
         raise ValueError(f"{where}: guard must be one of {GUARDS}, got {guard!r}")
-    _check_loss_fn(loss_fn, where)
+    _checks.check_loss_fn(loss_fn, where)
     _check_optimizer(optimizer, where)
-    lam = _check_lam(regularizer, lam, where)
+    lam = _checks.check_lam(regularizer, lam, where)
     try:
         factory = resolve_grad(grad)
     except (TypeError, ValueError) as e:
@@ -1017,7 +993,7 @@ def evaluate(
     """
     where = "evaluate"
     batch_size = _positive_int(batch_size, "evaluate: batch_size")
-    _check_loss_fn(loss, where)
+    _checks.check_loss_fn(loss, where)
     _check_leaves(params, "params", where)
     x, y = _as_array(x, "x", where), _as_array(y, "y", where)
     x, y = _data.check_dataset(x, y, _num_classes(net, np.asarray(x), where), where=where,
@@ -1253,7 +1229,7 @@ def fit(
     where = "fit"
     optimizer = optax.sgd(0.1) if optimizer is None else optimizer
     _check_optimizer(optimizer, where)
-    _check_loss_fn(loss, where)
+    _checks.check_loss_fn(loss, where)
     if isinstance(epochs, bool) or not isinstance(epochs, int | np.integer):
         raise TypeError(f"fit: epochs must be a non-negative int, got {epochs!r}")
     if epochs < 0:

@@ -19,14 +19,13 @@ without a rule falls back to ``jax.vjp`` the same way.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from funcnet import _checks
 from funcnet.nn import regularizers as vreg
 from funcnet.nn.base import Layer, rule_forward
 from funcnet.vjp.table import RULES
@@ -99,25 +98,6 @@ def _check_regularizer(regularizer: Any, where: str) -> None:
         )
 
 
-def _check_loss(loss_fn: Any, where: str) -> None:
-    if not callable(loss_fn):
-        raise TypeError(
-            f"{where}: loss_fn must be a function (outputs, y) -> scalar, e.g. "
-            f"funcnet.losses.softmax_cross_entropy, got {loss_fn!r}"
-        )
-
-
-def _check_lam(regularizer: Any, lam: Any, where: str) -> None:
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"{where}: lam must be a finite non-negative number, got {lam!r}")
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"{where}: lam must be a finite non-negative number, got {lam!r}")
-    if lam > 0 and regularizer is None:
-        raise ValueError(
-            f"{where}: lam={lam} needs a regularizer (e.g. funcnet.regularizers.l2)"
-        )
-
-
 def value_and_grad_with_state(
     net: Layer,
     loss_fn: Callable[[jax.Array, Any], jax.Array],
@@ -136,9 +116,9 @@ def value_and_grad_with_state(
     """
     where = "vjp.value_and_grad_with_state"
     net = _as_network(net, where)
-    _check_loss(loss_fn, where)
+    _checks.check_loss_fn(loss_fn, where, "loss_fn")
     _check_regularizer(regularizer, where)
-    _check_lam(regularizer, lam, where)
+    _checks.check_lam(regularizer, lam, where)
 
     def f(params, state, x, y, key=None, train=True):
         out, new_state, res = rule_forward(net, params, state, x, key=key, train=train)  # 1.
@@ -173,9 +153,9 @@ def value_and_grad(
     """
     where = "vjp.value_and_grad"
     net = _as_network(net, where)
-    _check_loss(loss_fn, where)
+    _checks.check_loss_fn(loss_fn, where, "loss_fn")
     _check_regularizer(regularizer, where)
-    _check_lam(regularizer, lam, where)
+    _checks.check_lam(regularizer, lam, where)
     inner = value_and_grad_with_state(net, loss_fn, regularizer, lam)
 
     def f(params, x, y):
