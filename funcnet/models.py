@@ -1,4 +1,6 @@
-"""Ready-made networks used by the experiments, benchmarks and notebooks."""
+"""Ready-made networks: the lecture's small ones (MLPs, LeNet-5, the digits CNN) and the
+architecture timeline's convolutional networks (``alexnet``, ``vgg``, ``googlenet``,
+``resnet``, built in :mod:`funcnet.zoo_cnn`)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,9 @@ from collections.abc import Sequence
 
 from funcnet import layers as L
 from funcnet.nets import Serial
+from funcnet.zoo_cnn import alexnet, googlenet, resnet, vgg
+
+__all__ = ["alexnet", "digits_cnn", "googlenet", "lenet5", "mlp", "resnet", "vgg"]
 
 
 def mlp(hidden: Sequence[int], num_classes: int, activation: L.Layer | None = None) -> Serial:
