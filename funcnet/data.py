@@ -444,3 +444,58 @@ def load_mnist(
             f"{labels_where}: labels must be a 1-D IDX array (N,), got shape {y.shape}"
         )
     return _images_and_labels(x, y, where, num_classes, 255.0, images_where, labels_where)
+
+
+# ---------------------------------------------------------------------------------------
+# Fashion-MNIST
+# ---------------------------------------------------------------------------------------
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the four files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+#: The ten classes, in label order.
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def fashion_mnist(path: str | os.PathLike | None = None) -> Split:
+    """Fashion-MNIST (Xiao et al., 2017): 60,000 + 10,000 grayscale 28x28 images, 10 classes.
+
+    Reads the four MNIST-format IDX files (gzip or raw: the names of
+    :data:`FASHION_MNIST_FILES`, or the same without ``.gz``) from ``path``, by default
+    :data:`FASHION_MNIST_DIR`, where Debian's package puts them::
+
+        apt-get update && apt-get install -y dataset-fashion-mnist
+
+    Returns:
+      :class:`Split` with ``x_*`` of shape ``(N, 28, 28, 1)`` float32 in ``[0, 1]`` and
+      ``y_*`` of shape ``(N,)`` int32 in ``[0, 10)`` (names: :data:`FASHION_MNIST_CLASSES`).
+    """
+    folder = FASHION_MNIST_DIR if path is None else _fspath(path, "fashion_mnist")
+    files = {}
+    missing = []
+    for key, name in FASHION_MNIST_FILES.items():
+        for candidate in (name, name[: -len(".gz")]):
+            full = os.path.join(folder, candidate)
+            if os.path.isfile(full):
+                files[key] = full
+                break
+        else:
+            missing.append(name)
+    if missing:
+        how = ("install them with: apt-get update && apt-get install -y dataset-fashion-mnist "
+               f"(Debian / Ubuntu; they land in {FASHION_MNIST_DIR})")
+        if path is not None:
+            how += ", or pass the folder that holds them as path="
+        raise FileNotFoundError(
+            f"fashion_mnist: {len(missing)} of the 4 Fashion-MNIST files are missing from "
+            f"{folder!r}: {', '.join(missing)}; {how}"
+        )
+    x_train, y_train = load_mnist(files["train_images"], files["train_labels"])
+    x_test, y_test = load_mnist(files["test_images"], files["test_labels"])
+    return Split(x_train, y_train, x_test, y_test)
