@@ -23,9 +23,11 @@ from funcnet import (
 )
 from funcnet.cache import enable_compilation_cache
 from funcnet.layers import (
+    GELU,
     Activation,
     AvgPool,
     BatchNorm,
+    ClassToken,
     Conv,
     Dense,
     Dropout,
@@ -42,10 +44,13 @@ from funcnet.layers import (
     LogSoftmax,
     LpPool,
     MaxPool,
+    MultiHeadSelfAttention,
+    PositionEmbedding,
     ReLU,
     Reshape,
     Sigmoid,
     Softmax,
+    TakeToken,
     Tanh,
 )
 from funcnet.nets import Parallel, Residual, Serial
@@ -55,9 +60,11 @@ from funcnet.summary import Summary, param_count, summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "GELU",
     "Activation",
     "AvgPool",
     "BatchNorm",
+    "ClassToken",
     "Conv",
     "Dense",
     "Dropout",
@@ -74,7 +81,9 @@ __all__ = [
     "LogSoftmax",
     "LpPool",
     "MaxPool",
+    "MultiHeadSelfAttention",
     "Parallel",
+    "PositionEmbedding",
     "ReLU",
     "Reshape",
     "Residual",
@@ -82,6 +91,7 @@ __all__ = [
     "Sigmoid",
     "Softmax",
     "Summary",
+    "TakeToken",
     "Tanh",
     "cache",
     "checkpoint",

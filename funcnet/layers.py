@@ -6,7 +6,8 @@ weights ``lecun_normal()`` (variance ``1 / fan_in``, as Flax), biases ``zeros``.
 ReLU networks ``jax.nn.initializers.he_normal()`` is a common override.
 """
 
-from funcnet.nn.activation import Activation, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh
+from funcnet.nn.activation import GELU, Activation, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh
+from funcnet.nn.attention import ClassToken, MultiHeadSelfAttention, PositionEmbedding, TakeToken
 from funcnet.nn.base import (
     DEFAULT_B_INIT,
     DEFAULT_W_INIT,
@@ -34,11 +35,13 @@ from funcnet.nn.reshape import Flatten, Reshape
 __all__ = [
     "DEFAULT_B_INIT",
     "DEFAULT_W_INIT",
+    "GELU",
     "LOCAL_W_INIT",
     "RF",
     "Activation",
     "AvgPool",
     "BatchNorm",
+    "ClassToken",
     "Conv",
     "Dense",
     "Dropout",
@@ -56,10 +59,13 @@ __all__ = [
     "LogSoftmax",
     "LpPool",
     "MaxPool",
+    "MultiHeadSelfAttention",
+    "PositionEmbedding",
     "ReLU",
     "Reshape",
     "Shape",
     "Sigmoid",
     "Softmax",
+    "TakeToken",
     "Tanh",
 ]

@@ -1,6 +1,7 @@
 """Ready-made networks: the lecture's small ones (MLPs, LeNet-5, the digits CNN) and the
 architecture timeline's convolutional networks (``alexnet``, ``vgg``, ``googlenet``,
-``resnet``, built in :mod:`funcnet.zoo_cnn`)."""
+``resnet``, built in :mod:`funcnet.zoo_cnn`) and the Vision Transformer (``vit``,
+``vit_tiny``, in :mod:`funcnet.zoo_vit`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from collections.abc import Sequence
 from funcnet import layers as L
 from funcnet.nets import Serial
 from funcnet.zoo_cnn import alexnet, googlenet, resnet, vgg
+from funcnet.zoo_vit import vit, vit_tiny
 
-__all__ = ["alexnet", "digits_cnn", "googlenet", "lenet5", "mlp", "resnet", "vgg"]
+__all__ = ["alexnet", "digits_cnn", "googlenet", "lenet5", "mlp", "resnet", "vgg", "vit",
+           "vit_tiny"]
 
 
 def mlp(hidden: Sequence[int], num_classes: int, activation: L.Layer | None = None) -> Serial:

@@ -6,6 +6,8 @@ op             forward                                         ``dL/dx``
 sigmoid        ``s = 1 / (1 + e^-x)``                          ``g s (1 - s)``
 tanh           ``t = tanh x``                                  ``g (1 - t^2)``
 relu           ``max(0, x)``                                   ``g [x > 0]`` (0 at 0)
+gelu           ``x Phi(x)``                                    ``g (Phi(x) + x phi(x))``
+gelu (tanh)    ``x (1 + tanh u) / 2``, ``u = c (x + a x^3)``    see :func:`gelu_bwd`
 softmax        ``y = e^x / sum e^x``                           ``y (g - sum(g y))``
 log_softmax    ``z = x - logsumexp x``                         ``g - e^z sum(g)``
 =============  ==============================================  ========================
@@ -69,6 +71,28 @@ def tanh(x: jax.Array) -> jax.Array:
 def relu(x: jax.Array) -> jax.Array:
     """``max(0, x)``; its derivative at 0 is taken to be 0."""
     return jax.nn.relu(_input(x, "relu"))
+
+
+def _approximate(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: approximate must be True or False, got {value!r}")
+    return value
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715  # the cubic coefficient of the tanh approximation
+
+
+def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
+    """Gaussian error linear unit ``x Phi(x)`` (Hendrycks & Gimpel, 2016).
+
+    ``approximate=False`` (default, as PyTorch's ``nn.GELU()`` and
+    ``jax.nn.gelu(approximate=False)``): the exact ``x (1 + erf(x / sqrt 2)) / 2``.
+    ``approximate=True``: ``x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2`` (PyTorch's
+    ``approximate="tanh"``, ``jax.nn.gelu``'s default). Shape-preserving.
+    """
+    x = _input(x, "gelu")
+    return jax.nn.gelu(x, approximate=_approximate(approximate, "gelu"))
 
 
 def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -138,6 +162,39 @@ def relu_bwd(res: InputResiduals, g: jax.Array):
     return (jnp.where(res.x > 0, g, jnp.zeros((), g.dtype)),)
 
 
+@static
+class GeluForm:
+    approximate: bool
+
+
+class GeluResiduals(NamedTuple):
+    x: jax.Array
+    form: GeluForm  # static: exact erf or tanh approximation
+
+
+def gelu_fwd(x: jax.Array, approximate: bool = False):
+    """``(gelu(x, approximate), residuals)``."""
+    return gelu(x, approximate), GeluResiduals(x, GeluForm(approximate))
+
+
+def gelu_bwd(res: GeluResiduals, g: jax.Array):
+    """``(g gelu'(x),)``.
+
+    Exact: ``gelu'(x) = Phi(x) + x phi(x)``, ``phi(x) = exp(-x^2 / 2) / sqrt(2 pi)``.
+    Tanh form, ``t = tanh(u)``, ``u = c (x + a x^3)``, ``c = sqrt(2/pi)``, ``a = 0.044715``:
+    ``gelu'(x) = (1 + t) / 2 + x (1 - t^2) c (1 + 3 a x^2) / 2``.
+    """
+    x = res.x
+    if res.form.approximate:
+        t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_A * x**3))
+        d = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_A * x * x)
+    else:
+        cdf = 0.5 * (1 + jax.lax.erf(x / math.sqrt(2.0)))
+        pdf = jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        d = cdf + x * pdf
+    return ((g * d).astype(x.dtype),)
+
+
 def softmax_fwd(x: jax.Array, axis: int = -1):
     """``(softmax(x, axis), residuals)``."""
     y = softmax(x, axis=axis)
@@ -166,6 +223,7 @@ RULES = {
     sigmoid: Rule(sigmoid_fwd, sigmoid_bwd, ("x",)),
     tanh: Rule(tanh_fwd, tanh_bwd, ("x",)),
     relu: Rule(relu_fwd, relu_bwd, ("x",)),
+    gelu: Rule(gelu_fwd, gelu_bwd, ("x",)),
     softmax: Rule(softmax_fwd, softmax_bwd, ("x",)),
     log_softmax: Rule(log_softmax_fwd, log_softmax_bwd, ("x",)),
 }
@@ -219,7 +277,37 @@ class ReLU(_Elementwise):
     cost = (1, 0)
 
 
-# Activation(fn) with one of these functions uses its hand rule.
+@dataclasses.dataclass(frozen=True, repr=False)
+class GELU(_Elementwise):
+    """``x Phi(x)`` elementwise: exact (erf, default, as PyTorch's ``nn.GELU()``) or, with
+    ``approximate=True``, the tanh approximation (``jax.nn.gelu``'s default).
+
+    FLOPs per element: exact ``x / sqrt 2``, ``1 +``, ``* x``, ``* 0.5``: 4 and one
+    ``erf``; tanh form: ``x^3`` 2, ``* a`` 1, ``+ x`` 1, ``* c`` 1, ``1 +`` 1, ``* x`` 1,
+    ``* 0.5`` 1: 8 and one ``tanh``.
+    """
+
+    approximate: bool = False
+    op = staticmethod(gelu)
+    rule = RULES[gelu]
+
+    def __post_init__(self):
+        _approximate(self.approximate, type(self).__name__)
+
+    def hyper(self):
+        return {"approximate": self.approximate}
+
+    @property
+    def cost(self) -> tuple[int, int]:  # type: ignore[override]
+        return (8, 1) if self.approximate else (4, 1)
+
+
+def _gelu_tanh_fwd(x: jax.Array):
+    return gelu_fwd(x, approximate=True)
+
+
+# Activation(fn) with one of these functions uses its hand rule; jax.nn.gelu's default is
+# the tanh approximation, funcnet's gelu's the exact form.
 _KNOWN: dict[Callable, Rule] = {
     relu: ReLU.rule,
     jax.nn.relu: ReLU.rule,
@@ -227,6 +315,8 @@ _KNOWN: dict[Callable, Rule] = {
     jax.nn.sigmoid: Sigmoid.rule,
     tanh: Tanh.rule,
     jnp.tanh: Tanh.rule,
+    gelu: GELU.rule,
+    jax.nn.gelu: Rule(_gelu_tanh_fwd, gelu_bwd, ("x",)),
 }
 
 

@@ -5,7 +5,13 @@
 """
 
 from funcnet.nn import activation, conv, pool  # noqa: F401 - the family modules
-from funcnet.nn.activation import log_softmax, relu, sigmoid, softmax, tanh
+from funcnet.nn.activation import gelu, log_softmax, relu, sigmoid, softmax, tanh
+from funcnet.nn.attention import (
+    class_token,
+    multi_head_self_attention,
+    position_embedding,
+    take_token,
+)
 from funcnet.nn.conv import conv2d, extract_patches, locally_connected2d
 from funcnet.nn.dense import dense
 from funcnet.nn.dropout import dropout
@@ -32,6 +38,7 @@ __all__ = [
     "avg_pool",
     "batch_norm_eval",
     "batch_norm_train",
+    "class_token",
     "conv2d",
     "dense",
     "dropout",
@@ -40,6 +47,7 @@ __all__ = [
     "feature_l2_pool",
     "feature_max_pool",
     "flatten",
+    "gelu",
     "global_avg_pool",
     "l2_pool",
     "layer_norm",
@@ -48,10 +56,13 @@ __all__ = [
     "log_softmax",
     "lp_pool",
     "max_pool",
+    "multi_head_self_attention",
+    "position_embedding",
     "relu",
     "reshape",
     "sigmoid",
     "softmax",
     "sum_pool",
+    "take_token",
     "tanh",
 ]

@@ -17,6 +17,7 @@ Each family module (:mod:`funcnet.nn.conv`, ...) holds its ops' rule pairs in th
 
 from funcnet.nn import (
     activation,
+    attention,
     conv,
     dense,
     dropout,
@@ -43,6 +44,7 @@ __all__ = [
     "LayerRule",
     "Rule",
     "activation",
+    "attention",
     "conv",
     "dense",
     "dropout",

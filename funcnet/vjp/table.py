@@ -13,6 +13,7 @@ import jax
 
 from funcnet.nn import (
     activation,
+    attention,
     conv,
     dense,
     dropout,
@@ -27,8 +28,8 @@ from funcnet.nn.base import Rule
 from funcnet.vjp import gates
 
 #: The families whose ``RULES`` make up the table (a new family adds itself here).
-FAMILIES = [dense, conv, pool, activation, reshape, normalization, dropout, embedding, losses,
-            regularizers, gates]
+FAMILIES = [dense, conv, pool, activation, reshape, normalization, dropout, embedding,
+            attention, losses, regularizers, gates]
 
 #: Every op of :mod:`funcnet.ops`, every loss, regularizer and lecture gate -> its rule.
 RULES: dict[Callable, Rule] = {op: rule for family in FAMILIES for op, rule in family.RULES.items()}

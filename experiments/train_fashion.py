@@ -1,0 +1,140 @@
+"""Train a zoo network on Fashion-MNIST (60,000 + 10,000 28x28 grayscale images).
+
+    apt-get update && apt-get install -y dataset-fashion-mnist   # the data, once
+    python experiments/train_fashion.py                  # LeNet-5 (default)
+    python experiments/train_fashion.py --model resnet   # a small BatchNorm ResNet for 28x28
+
+Writes to ``--out`` (default ``runs/fashion-<model>``) what the main job writes:
+``metrics.json``, ``curves.png``, ``checkpoint.ckpt`` (the final TrainState, BatchNorm
+statistics included) and ``model.fnx`` (the evaluation-mode forward pass, state folded in).
+
+Models:
+- ``lenet5``: ``funcnet.models.lenet5()`` (61,706 parameters), AdamW, batch 128, 10 epochs.
+- ``resnet``: a small ResNet for 28x28 inputs: a 3x3 stem of 16 channels and three stages
+  of two basic blocks (16, 32, 64 channels; the last two stages stride 2), BatchNorm after
+  every convolution, global average pooling; AdamW, batch 128, 15 epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+
+import funcnet as fn
+from funcnet import checkpoint, data, export, train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_digits import build_optimizer, save_curves
+
+DEFAULTS = {
+    "lenet5": {"epochs": 10, "batch_size": 128, "lr": 3e-3, "weight_decay": 1e-4},
+    "resnet": {"epochs": 15, "batch_size": 128, "lr": 3e-3, "weight_decay": 5e-4},
+}
+
+
+def small_resnet(num_classes: int = 10) -> fn.Serial:
+    """3x3 stem (16) and stages of two basic blocks (16, 32/2, 64/2), BatchNorm, GAP."""
+
+    def conv_bn(features, stride=1, relu=True):
+        layers = [fn.Conv(features, 3, stride=stride, padding="SAME", use_bias=False),
+                  fn.BatchNorm()]
+        return layers + ([fn.ReLU()] if relu else [])
+
+    def block(features, stride, in_features):
+        body = fn.Serial([*conv_bn(features, stride), *conv_bn(features, relu=False)])
+        shortcut = None
+        if stride != 1 or in_features != features:
+            shortcut = fn.Serial([fn.Conv(features, 1, stride=stride, use_bias=False),
+                                  fn.BatchNorm()])
+        return [fn.Residual(body, shortcut=shortcut), fn.ReLU()]
+
+    layers, width = [*conv_bn(16)], 16
+    for features, stride in ((16, 1), (32, 2), (64, 2)):
+        layers += block(features, stride, width) + block(features, 1, features)
+        width = features
+    return fn.Serial([*layers, fn.GlobalAvgPool(), fn.Dense(num_classes)])
+
+
+def build_model(name: str) -> fn.Serial:
+    return fn.models.lenet5() if name == "lenet5" else small_resnet()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=sorted(DEFAULTS), default="lenet5")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="init, shuffling and dropout")
+    parser.add_argument("--data", default=None, help=f"default: {data.FASHION_MNIST_DIR}")
+    parser.add_argument("--out", default=None, help="default: runs/fashion-<model>")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    cfg = dict(DEFAULTS[args.model])
+    for key in cfg:
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    out = args.out or os.path.join("runs", f"fashion-{args.model}")
+
+    t_start = time.perf_counter()
+    split = data.fashion_mnist(args.data)
+    net = build_model(args.model)
+    input_shape = split.x_train.shape[1:]
+    params = net.init(jax.random.key(args.seed), input_shape)
+    steps_per_epoch = -(-len(split.x_train) // cfg["batch_size"])
+    optimizer, regularizer, lam = build_optimizer(
+        "adamw", cfg["lr"], cfg["weight_decay"], cfg["epochs"] * steps_per_epoch
+    )
+    print(f"fashion-mnist: {len(split.x_train)} train / {len(split.x_test)} test images "
+          f"{input_shape}; model {args.model} ({fn.param_count(net, input_shape):,} "
+          f"parameters); adamw lr {cfg['lr']} weight decay {cfg['weight_decay']}, "
+          f"{cfg['epochs']} epochs of batch {cfg['batch_size']}")
+    result = train.fit(
+        net, params, split.x_train, split.y_train, optimizer=optimizer,
+        regularizer=regularizer, lam=lam, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+        seed=args.seed, validation_data=(split.x_test, split.y_test),
+        progress=not args.no_progress,
+    )  # fmt: skip
+    test_loss, test_acc = train.evaluate(net, result.params, split.x_test, split.y_test,
+                                         state=result.model_state)
+    wall = time.perf_counter() - t_start
+
+    os.makedirs(out, exist_ok=True)
+    checkpoint.save(os.path.join(out, "checkpoint.ckpt"), {"state": result.state},
+                    metadata={"model": args.model, "config": cfg, "seed": args.seed})
+    export.save(os.path.join(out, "model.fnx"), net, result.params, input_shape,
+                state=result.model_state)
+    times = result.history["time"]
+    metrics = {
+        "model": args.model, "config": cfg, "seed": args.seed,
+        "test_loss": test_loss, "test_accuracy": test_acc, "wall_time_s": wall,
+        "first_epoch_s_incl_compile": times[0],
+        "median_epoch_s": sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else None,
+        "history": result.history,
+        "machine": {"jax": jax.__version__, "backend": jax.default_backend(),
+                    "cpu_count": os.cpu_count(), "python": platform.python_version()},
+    }  # fmt: skip
+    metrics_path = os.path.join(out, "metrics.json")
+    with open(metrics_path + ".tmp", "w") as f:  # atomic: never a half-written file
+        json.dump(metrics, f, indent=1)
+    os.replace(metrics_path + ".tmp", metrics_path)
+    save_curves(result.history, os.path.join(out, "curves.png"),
+                f"Fashion-MNIST, {args.model}: test accuracy {test_acc:.2%}")
+    print(f"final test accuracy: {test_acc:.2%} (test loss {test_loss:.4f}); total time "
+          f"{wall:.1f} s including compilation; median epoch {metrics['median_epoch_s']} s; "
+          f"wrote {out}/metrics.json, curves.png, checkpoint.ckpt, model.fnx")
+    sys.stdout.flush()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
