@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rule_check import check_op_rule
 
 from funcnet import gradcheck
 from funcnet.nn import activation
 from funcnet.nn.activation import GELU, Activation, gelu
 
 VJP_TOL = 1e-10  # float64, the same maths up to summation order
-FD_TOL = 1e-6  # central differences
 LAYER_TOL = 1e-9
 
 
@@ -20,33 +20,7 @@ def _rand(shape, seed, scale=1.0):
 
 
 def _check_rule(rules, op, arrays, static=None, seed=0):
-    """``rules[op]`` at ``arrays`` (name -> array or None) against jax.vjp and differences."""
-    static = dict(static or {})
-    rule = rules[op]
-    present = [n for n in rule.diff if arrays.get(n) is not None]
-
-    def call(*a):
-        return op(**{**arrays, **dict(zip(present, a, strict=True))}, **static)
-
-    @jax.jit
-    def run(primals, g):
-        out, res = rule.fwd(**{**arrays, **dict(zip(present, primals, strict=True))}, **static)
-        ref_out, vjp_fn = jax.vjp(call, *primals)
-        fd = gradcheck.numerical_grad(lambda ps: jnp.sum(call(*ps) * g), primals)
-        return out, rule.bwd(res, g), ref_out, vjp_fn(g), fd
-
-    primals = tuple(arrays[n] for n in present)
-    g = _rand(jax.eval_shape(call, *primals).shape, seed + 100)
-    out, mine, ref_out, ref, fd = run(primals, g)
-    mine = dict(zip(rule.diff, mine, strict=True))
-    assert gradcheck.relative_error(out, ref_out) < VJP_TOL
-    for name in rule.diff:
-        if name not in present:
-            assert mine[name] is None, name
-    for name, r, d in zip(present, ref, fd, strict=True):
-        assert mine[name].shape == arrays[name].shape, name
-        assert gradcheck.relative_error(mine[name], r) < VJP_TOL, name
-        assert gradcheck.relative_error(mine[name], d) < FD_TOL, name
+    check_op_rule(rules[op], op, arrays, static, seed)
 
 
 def _check_layer_rule(layer, input_shape, seed=0, batch=2):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rule_check import check_op_rule
 
 from funcnet import gradcheck, graph
 from funcnet.nn.base import RF
@@ -24,8 +25,6 @@ from funcnet.nn.normalization import (
     local_response_norm,
 )
 
-VJP_TOL = 1e-10  # float64, the same maths up to summation order
-FD_TOL = 1e-6  # central differences, h = 1e-6
 SHAPES = [(6, 3), (3, 4, 5, 2)]  # (N, C) features and NHWC images
 SHAPE_IDS = ["NC", "NHWC"]
 
@@ -45,35 +44,7 @@ def _positive(shape, seed):
 
 
 def _check_rule(op, arrays, static=None, seed=0):
-    """``RULES[op]`` at ``arrays`` (name -> array or None) against jax.vjp and differences."""
-    static = dict(static or {})
-    rule = RULES[op]
-    present = [n for n in rule.diff if arrays.get(n) is not None]
-
-    def call(*a):
-        return op(**{**arrays, **dict(zip(present, a, strict=True))}, **static)
-
-    @jax.jit  # one compilation for the whole comparison
-    def run(primals, g):
-        out, res = rule.fwd(**{**arrays, **dict(zip(present, primals, strict=True))}, **static)
-        ref_out, vjp_fn = jax.vjp(call, *primals)
-        fd = gradcheck.numerical_grad(lambda ps: jnp.sum(call(*ps) * g), primals)
-        return out, rule.bwd(res, g), ref_out, vjp_fn(g), fd
-
-    primals = tuple(arrays[n] for n in present)
-    g = _rand(jax.eval_shape(call, *primals).shape, seed + 100)
-    out, mine, ref_out, ref, fd = run(primals, g)
-    mine = dict(zip(rule.diff, mine, strict=True))
-
-    assert gradcheck.relative_error(out, ref_out) < VJP_TOL
-    for name in rule.diff:
-        if name not in present:
-            assert mine[name] is None, name
-    for name, r, d in zip(present, ref, fd, strict=True):
-        assert mine[name].shape == arrays[name].shape, name
-        assert mine[name].dtype == arrays[name].dtype, name
-        assert gradcheck.relative_error(mine[name], r) < VJP_TOL, name
-        assert gradcheck.relative_error(mine[name], d) < FD_TOL, name
+    check_op_rule(RULES[op], op, arrays, static, seed)
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
