@@ -25,6 +25,7 @@ import zipfile
 import zlib
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 # IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
@@ -111,6 +112,21 @@ def check_labels(y: Any, num_classes: int | None = None, where: str = "labels") 
     return arr.astype(np.int32)
 
 
+def check_x_dtype(dtype: Any, integer_x: bool, where: str, name: str = "x") -> None:
+    """Integer ids when ``integer_x`` (an Embedding-first network), else floating."""
+    if integer_x:
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise TypeError(
+                f"{where}: the network's first layer takes integer input (ids), got {name} of "
+                f"dtype {dtype}"
+            )
+    elif not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{where}: {name} must have a floating dtype (e.g. float32), got {dtype}; "
+            f"convert it with {name}.astype(np.float32)"
+        )
+
+
 def check_dataset(
     x: Any, y: Any, num_classes: int | None = None, where: str = "data",
     integer_x: bool = False,
@@ -135,18 +151,8 @@ def check_dataset(
         )
     if x.shape[0] == 0:
         raise ValueError(f"{where}: the data set is empty (x shape {x.shape})")
-    if integer_x:
-        if not np.issubdtype(x.dtype, np.integer):
-            raise TypeError(
-                f"{where}: the network's first layer takes integer input (ids), got x of "
-                f"dtype {x.dtype}"
-            )
-    elif not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(
-            f"{where}: x must have a floating dtype (e.g. float32), got {x.dtype}; "
-            f"convert it with x.astype(np.float32)"
-        )
-    elif not np.all(np.isfinite(x)):
+    check_x_dtype(x.dtype, integer_x, where)
+    if not integer_x and not np.all(np.isfinite(x)):
         bad = int(np.argwhere(~np.isfinite(x.reshape(x.shape[0], -1)))[0, 0])
         raise ValueError(f"{where}: x contains non-finite values (first at example {bad})")
     if np.issubdtype(y.dtype, np.integer):

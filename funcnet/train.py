@@ -956,19 +956,8 @@ def _check_x_fits(net: Any, params: Any, x: Any, where: str, name: str = "x") ->
 
 
 def _check_input_dtype(net: Any, x: Any, where: str, name: str = "x") -> None:
-    if not isinstance(net, Layer):
-        return
-    if _takes_integers(net):
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise TypeError(
-                f"{where}: the network's first layer takes integer input (ids), got {name} of "
-                f"dtype {x.dtype}"
-            )
-    elif not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{where}: {name} must have a floating dtype (e.g. float32), got {x.dtype}; "
-            f"convert it with {name}.astype(np.float32)"
-        )
+    if isinstance(net, Layer):
+        _data.check_x_dtype(x.dtype, _takes_integers(net), where, name)
 
 
 def evaluate(
