@@ -3,7 +3,8 @@
 ``import funcnet as fn`` gives the layers, the ``Serial`` combinator, ``summary`` and the
 sub-modules ``fn.ops``, ``fn.losses``, ``fn.regularizers``, ``fn.models``, ``fn.train``,
 ``fn.data``, ``fn.checkpoint``, ``fn.vjp`` (hand-written backward rules), ``fn.gradcheck``,
-``fn.graph``, ``fn.export`` and ``fn.cache``.
+``fn.graph``, ``fn.export``, ``fn.onnx`` (needs the ``onnx`` extra when called) and
+``fn.cache``.
 """
 
 from funcnet import (
@@ -16,6 +17,7 @@ from funcnet import (
     losses,
     models,
     nn,
+    onnx,
     ops,
     regularizers,
     train,
@@ -103,6 +105,7 @@ __all__ = [
     "losses",
     "models",
     "nn",
+    "onnx",
     "ops",
     "param_count",
     "regularizers",
