@@ -33,13 +33,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_digits import build_optimizer, save_curves
 
 DEFAULTS = {
-    "lenet5": {"epochs": 10, "batch_size": 128, "lr": 3e-3, "weight_decay": 1e-4},
-    "resnet": {"epochs": 15, "batch_size": 128, "lr": 3e-3, "weight_decay": 5e-4},
+    "lenet5": {"epochs": 10, "batch_size": 128, "lr": 3e-3, "weight_decay": 1e-4,
+               "grad": "autodiff"},
+    "resnet": {"epochs": 12, "batch_size": 128, "lr": 3e-3, "weight_decay": 5e-2,
+               "grad": "manual"},
+    "vit": {"epochs": 15, "batch_size": 128, "lr": 1e-3, "weight_decay": 5e-2,
+            "grad": "manual"},
 }
 
 
-def small_resnet(num_classes: int = 10) -> fn.Serial:
-    """3x3 stem (16) and stages of two basic blocks (16, 32/2, 64/2), BatchNorm, GAP."""
+def small_resnet(num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128)) -> fn.Serial:
+    """A ResNet for 28x28 inputs: a 3x3 stem (BatchNorm, ReLU) and a 2x2 max-pool to 14x14,
+    then one basic block per width (the first at stride 1, the others at stride 2: 14, 7,
+    4), each convolution followed by BatchNorm, global average pooling and the classifier.
+    """
 
     def conv_bn(features, stride=1, relu=True):
         layers = [fn.Conv(features, 3, stride=stride, padding="SAME", use_bias=False),
@@ -54,15 +61,22 @@ def small_resnet(num_classes: int = 10) -> fn.Serial:
                                   fn.BatchNorm()])
         return [fn.Residual(body, shortcut=shortcut), fn.ReLU()]
 
-    layers, width = [*conv_bn(16)], 16
-    for features, stride in ((16, 1), (32, 2), (64, 2)):
-        layers += block(features, stride, width) + block(features, 1, features)
+    layers, width = [*conv_bn(widths[0]), fn.MaxPool(2)], widths[0]
+    for i, features in enumerate(widths):
+        layers += block(features, 1 if i == 0 else 2, width)
         width = features
     return fn.Serial([*layers, fn.GlobalAvgPool(), fn.Dense(num_classes)])
 
 
+def small_vit(num_classes: int = 10) -> fn.Serial:
+    """A ViT for 28x28 inputs: 4x4 patches (49 tokens and the class token), width 64,
+    4 pre-norm encoder blocks of 4 heads with an MLP of 128."""
+    return fn.models.vit(num_classes, image_size=28, patch=4, width=64, depth=4, heads=4,
+                         mlp_dim=128, channels=1)
+
+
 def build_model(name: str) -> fn.Serial:
-    return fn.models.lenet5() if name == "lenet5" else small_resnet()
+    return {"lenet5": fn.models.lenet5, "resnet": small_resnet, "vit": small_vit}[name]()
 
 
 def main(argv=None) -> dict:
@@ -74,6 +88,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--grad", choices=["autodiff", "manual"], default=None,
+                        help="jax.grad or the hand-written backward rules (default: per model)")
     parser.add_argument("--seed", type=int, default=0, help="init, shuffling and dropout")
     parser.add_argument("--data", default=None, help=f"default: {data.FASHION_MNIST_DIR}")
     parser.add_argument("--out", default=None, help="default: runs/fashion-<model>")
@@ -101,7 +117,7 @@ def main(argv=None) -> dict:
     result = train.fit(
         net, params, split.x_train, split.y_train, optimizer=optimizer,
         regularizer=regularizer, lam=lam, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-        seed=args.seed, validation_data=(split.x_test, split.y_test),
+        grad=cfg["grad"], seed=args.seed, validation_data=(split.x_test, split.y_test),
         progress=not args.no_progress,
     )  # fmt: skip
     test_loss, test_acc = train.evaluate(net, result.params, split.x_test, split.y_test,
