@@ -3,8 +3,8 @@
 ``import funcnet as fn`` gives the layers, the ``Serial`` combinator, ``summary`` and the
 sub-modules ``fn.ops``, ``fn.losses``, ``fn.regularizers``, ``fn.models``, ``fn.train``,
 ``fn.data``, ``fn.checkpoint``, ``fn.vjp`` (hand-written backward rules), ``fn.gradcheck``,
-``fn.graph``, ``fn.export``, ``fn.onnx`` (needs the ``onnx`` extra when called) and
-``fn.cache``.
+``fn.graph``, ``fn.export``, ``fn.onnx`` (needs the ``onnx`` extra when called),
+``fn.cache`` and ``fn.parallel`` (data parallelism over several devices).
 """
 
 from funcnet import (
@@ -19,6 +19,7 @@ from funcnet import (
     nn,
     onnx,
     ops,
+    parallel,
     regularizers,
     train,
     vjp,
@@ -107,6 +108,7 @@ __all__ = [
     "nn",
     "onnx",
     "ops",
+    "parallel",
     "param_count",
     "regularizers",
     "set_param_limit",

@@ -22,6 +22,10 @@ Gradients come from ``grad=``: ``"autodiff"`` (``jax.value_and_grad``) is built 
 modes plug in through :data:`GRAD_MODES` (or a callable) with the signature
 ``value_and_grad(net, loss_fn) -> f(params, x, y) -> (loss, grads)``, ``loss_fn(outputs,
 y) -> scalar`` (the mean over the batch).
+
+``devices=`` on :func:`fit`, :func:`make_step`, :func:`evaluate` and :func:`predict` runs
+them data-parallel (:mod:`funcnet.parallel`): batches sharded along a mesh's data axis,
+everything else replicated, one compiled program, the results of one device.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from funcnet import _checks
 from funcnet import checkpoint as _ckpt
 from funcnet import data as _data
 from funcnet import losses as _losses
+from funcnet import parallel as _parallel
 from funcnet import vjp as _vjp
-from funcnet.nn.base import Layer, iter_layers
+from funcnet.nn.base import Layer, iter_layers, mixes_batch
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
 ValueAndGrad = Callable[[Any, Loss], Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]]
@@ -486,6 +491,7 @@ def make_step(
     grad: str | ValueAndGrad = "autodiff",
     donate: bool = True,
     seed: int = 0,
+    devices: Any = None,
 ) -> Callable:
     """A jit-compiled train step ``step(state, x, y, weights=None) -> (state, metrics)``.
 
@@ -508,6 +514,13 @@ def make_step(
       donate: donate the incoming state's buffers to the result.
       seed: the root of the per-step keys (Dropout): step ``t`` uses
         ``fold_in(step_keys(seed), t)`` with ``t = state.step``, a fresh key every step.
+      devices: ``None`` (one device), ``"all"``, a sequence of devices or a
+        ``jax.sharding.Mesh`` with a ``"data"`` axis (:func:`funcnet.parallel.data_mesh`):
+        the batch is sharded along the data axis, the state replicated (the returned state
+        is too), and the step is one program whose result is that of one device. A batch
+        that does not divide by the devices travels padded with zero rows, which the
+        program cuts off before computing anything (see :func:`fit`); ``step.jitted``
+        then takes ``(state, x, y, weights, n)``: the padded batch and its size ``n``.
 
     The step runs the network in training mode and threads its state: the returned
     ``state.model_state`` holds BatchNorm's updated running statistics.
@@ -530,6 +543,7 @@ def make_step(
     """
     where = "make_step"
     _check_bool(donate, "donate", where)
+    mesh = None if devices is None else _parallel.data_mesh(devices, where)
     update = _make_update(net, loss, optimizer, regularizer, lam, grad, seed, where,
                           check_labels=True)
 
@@ -538,7 +552,18 @@ def make_step(
         del metrics["finite"]
         return new, metrics
 
-    jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        jitted = jax.jit(step, donate_argnums=donate_argnums)
+    else:
+        def sharded_step(state, x, y, weights, n):
+            # n: the batch without the transport padding, which no layer ever sees
+            batch = _parallel.constrain_batch((x[:n], y[:n], None if weights is None
+                                               else weights[:n]), mesh)
+            return step(state, *batch)
+
+        jitted = jax.jit(sharded_step, static_argnums=4, donate_argnums=donate_argnums,
+                         out_shardings=_parallel.replicated(mesh))
     checked_shapes: dict[Any, int | None] = {}  # x.shape[1:] -> K (output width) or None
 
     def checked_step(state, x, y, weights=None):
@@ -576,7 +601,11 @@ def make_step(
                         f"make_step step: y: integer labels must lie in [0, {k}) for a "
                         f"network with {k} outputs, got values in [{lo}, {hi}]"
                     )
-        return jitted(state, x, y, weights)
+        if mesh is None:
+            return jitted(state, x, y, weights)
+        batch = [None if a is None else _parallel.pad_rows(a, _parallel.num_shards(mesh))
+                 for a in (x, y, weights)]
+        return jitted(_parallel.replicate(state, mesh), *_parallel.shard_batch(batch, mesh), n)
 
     checked_step.jitted = jitted
     checked_step.lower = jitted.lower
@@ -657,17 +686,34 @@ class EpochRunner:
     ``run(state, key, active) -> (state, metrics, active)`` with ``metrics`` a dict of
     ``(num_batches,)`` arrays. Both modes draw the same batches for the same key and apply
     the same step body; each compiles once (later epochs and the padded last batch reuse it).
+
+    ``exact_last=True`` (``fit`` sets it for a network that :func:`~funcnet.nn.base.mixes_batch`,
+    i.e. has BatchNorm) runs a partial last batch at its true size, through a second
+    program of the step, instead of padding it with zero-weight rows: such a layer's batch
+    statistics would include the padding. The scanned epoch then scans the full batches
+    and runs that one after the scan.
+
+    With a ``mesh`` (:mod:`funcnet.parallel`) the data and the state are kept whole on
+    every device of the mesh, and each gathered batch is sharded along the data axis:
+    every device gathers and computes its rows of the batch, and XLA inserts the
+    all-reduces. The results are those of one device.
     """
 
-    def __init__(self, update, x, y, batch_size: int, mode: str, shuffle: bool = True):
+    def __init__(self, update, x, y, batch_size: int, mode: str, shuffle: bool = True,
+                 mesh=None, exact_last: bool = False):
         if mode not in ("loop", "scan"):
             raise ValueError(f"epoch mode must be 'loop' or 'scan', got {mode!r}")
-        self.mode, self.shuffle = mode, shuffle
+        self.mode, self.shuffle, self.mesh = mode, shuffle, mesh
+        if mesh is not None:  # device to device; a shuffled batch is then gathered locally
+            x, y = _parallel.replicate((x, y), mesh)
         self.x, self.y = x, y
         self.n = int(x.shape[0])
         self.batch_size = batch_size
         self.num_batches = -(-self.n // batch_size)
         n, bs = self.n, batch_size
+        # the size of a partial last batch run at its true size, else 0
+        self.last = n % bs if exact_last else 0
+        n_scanned = self.num_batches - (1 if self.last else 0)
         w_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
 
         def batches(key):
@@ -676,7 +722,7 @@ class EpochRunner:
 
         def gather(x, y, idx, w, i):
             ib = idx[i]
-            return x[ib], y[ib], w[i]
+            return _parallel.constrain_batch((x[ib], y[ib], w[i]), mesh)
 
         def one_step(state, x, y, idx, w, i, active):
             xb, yb, wb = gather(x, y, idx, w, i)
@@ -691,29 +737,45 @@ class EpochRunner:
                 return (state, active), metrics
 
             (state, active), metrics = jax.lax.scan(
-                body, (state, active), jnp.arange(idx.shape[0])
+                body, (state, active), jnp.arange(n_scanned)
             )
             return state, metrics, active
 
-        self._batches = jax.jit(batches)
-        self._step = jax.jit(one_step, donate_argnums=(0,))
-        self._epoch = jax.jit(scan_epoch, donate_argnums=(0,))
+        # with a mesh, whatever comes out is replicated, so the next call's inputs match
+        on_mesh = {} if mesh is None else {"out_shardings": _parallel.replicated(mesh)}
+        self._batches = jax.jit(batches, **on_mesh)
+        self._step = jax.jit(one_step, donate_argnums=(0,), **on_mesh)
+        self._epoch = jax.jit(scan_epoch, donate_argnums=(0,), **on_mesh)
         self._steps = [jnp.asarray(i, jnp.int32) for i in range(self.num_batches)]
 
     def run(self, state, key, active, on_step: Callable[[int], None] | None = None):
+        if self.mesh is not None:  # a no-op for arrays already replicated on the mesh
+            state, key, active = _parallel.replicate((state, key, active), self.mesh)
+        collected = []
         if self.mode == "scan":
             state, metrics, active = self._epoch(state, self.x, self.y, key, active)
             if on_step is not None:
-                on_step(self.num_batches)
-            return state, metrics, active
+                on_step(self.num_batches - (1 if self.last else 0))
+            if not self.last:
+                return state, metrics, active
+            collected = [metrics]
+            steps = []
+        else:
+            steps = self._steps[:-1] if self.last else self._steps
         idx, w = self._batches(key)
-        collected = []
-        for i in self._steps:
+        for i in steps:
             state, m, active = self._step(state, self.x, self.y, idx, w, i, active)
-            collected.append(m)
+            collected.append(jax.tree_util.tree_map(lambda a: a[None], m))
             if on_step is not None:
                 on_step(1)
-        metrics = {k: jnp.stack([m[k] for m in collected]) for k in collected[0]}
+        if self.last:  # the partial last batch at its true size (a second program)
+            r = self.last
+            state, m, active = self._step(state, self.x, self.y, idx[-1:, :r], w[-1:, :r],
+                                          self._steps[0], active)
+            collected.append(jax.tree_util.tree_map(lambda a: a[None], m))
+            if on_step is not None:
+                on_step(1)
+        metrics = {k: jnp.concatenate([m[k] for m in collected]) for k in collected[0]}
         return state, metrics, active
 
     def cache_sizes(self) -> dict[str, int]:
@@ -771,20 +833,21 @@ class _ProgramCache:
 _PROGRAMS = _ProgramCache()
 
 
-def _eval_fn(net, loss_fn):
-    return _PROGRAMS.get(_build_eval_fn, net, loss_fn)
+def _eval_fn(net, loss_fn, mesh=None):
+    return _PROGRAMS.get(_build_eval_fn, net, loss_fn, mesh)
 
 
-def _build_eval_fn(net, loss_fn):
+def _build_eval_fn(net, loss_fn, mesh=None):
     wloss = weighted_loss(loss_fn, where="evaluate")
 
     def run(params, model_state, x, y, idx, w):
         def body(acc, i):
-            ib, wb = idx[i], w[i]
-            out, _ = net.apply_with_state(params, model_state, x[ib])
-            loss = wloss(out, (y[ib], wb))
+            ib = idx[i]
+            xb, yb, wb = _parallel.constrain_batch((x[ib], y[ib], w[i]), mesh)
+            out, _ = net.apply_with_state(params, model_state, xb)
+            loss = wloss(out, (yb, wb))
             count = jnp.sum(wb)
-            return (acc[0] + loss * count, acc[1] + jnp.sum(wb * _correct(out, y[ib])),
+            return (acc[0] + loss * count, acc[1] + jnp.sum(wb * _correct(out, yb)),
                     acc[2] + count), None
 
         zero = jnp.zeros((), w.dtype)
@@ -803,13 +866,16 @@ def _eval_batches(n: int, batch_size: int, x_dtype: Any) -> tuple[jax.Array, jax
     return idx, w.astype(w_dtype)
 
 
-def _predict_fn(net):
-    return _PROGRAMS.get(_build_predict_fn, net)
+def _predict_fn(net, mesh=None):
+    return _PROGRAMS.get(_build_predict_fn, net, mesh)
 
 
-def _build_predict_fn(net):
+def _build_predict_fn(net, mesh=None):
+    def one(params, model_state, xb):
+        return net.apply_with_state(params, model_state, _parallel.constrain_batch(xb, mesh))[0]
+
     def run(params, model_state, x, idx):
-        return jax.lax.map(lambda ib: net.apply_with_state(params, model_state, x[ib])[0], idx)
+        return jax.lax.map(lambda ib: one(params, model_state, x[ib]), idx)
 
     return jax.jit(run)
 
@@ -955,6 +1021,16 @@ def _check_x_fits(net: Any, params: Any, x: Any, where: str, name: str = "x") ->
         )
 
 
+def _checked_data(net: Any, x: Any, y: Any, mesh: Any, where: str) -> tuple[Any, Any]:
+    """``(x, y)`` validated by :func:`funcnet.data.check_dataset` (as numpy arrays); with a
+    ``mesh``, an ``x`` already on devices is checked there and stays there (no copy
+    through the host)."""
+    num_classes, integer_x = _num_classes(net, x, where), _takes_integers(net)
+    if mesh is not None and isinstance(x, jax.Array):
+        return _parallel.check_dataset_on_device(x, y, num_classes, where, integer_x)
+    return _data.check_dataset(np.asarray(x), y, num_classes, where=where, integer_x=integer_x)
+
+
 def _check_input_dtype(net: Any, x: Any, where: str, name: str = "x") -> None:
     if isinstance(net, Layer):
         _data.check_x_dtype(x.dtype, _takes_integers(net), where, name)
@@ -969,6 +1045,7 @@ def evaluate(
     loss: Loss = _losses.softmax_cross_entropy,
     batch_size: int = 1024,
     state: Any = None,
+    devices: Any = None,
 ) -> tuple[float, float | None]:
     """``(mean loss, accuracy)`` of ``net`` with ``params`` over ``(x, y)``, in batches.
 
@@ -979,34 +1056,42 @@ def evaluate(
     Accuracy is the fraction of argmax predictions equal to the integer labels (or to the
     argmax of one-hot targets); ``None`` when ``y`` is neither. ``x`` and ``y`` are
     validated as in :func:`fit` (an empty data set is an error: its mean is undefined).
+
+    ``devices``: as in :func:`fit`; each batch is sharded along the data axis.
     """
     where = "evaluate"
     batch_size = _positive_int(batch_size, "evaluate: batch_size")
+    mesh = None if devices is None else _parallel.data_mesh(devices, where)
     _checks.check_loss_fn(loss, where)
     _check_leaves(params, "params", where)
     x, y = _as_array(x, "x", where), _as_array(y, "y", where)
-    x, y = _data.check_dataset(x, y, _num_classes(net, np.asarray(x), where), where=where,
-                               integer_x=_takes_integers(net))
+    x, y = _checked_data(net, x, y, mesh, where)
     out_shape = _output_shape(net, x, where)
     _check_x_fits(net, params, x, where)
     state = _model_state(net, state, x.shape[1:], where)
     idx, w = _eval_batches(x.shape[0], batch_size, x.dtype)
-    mean_loss, acc = _eval_fn(net, loss)(params, state, jnp.asarray(x), jnp.asarray(y), idx, w)
+    args = (params, state, jnp.asarray(x), jnp.asarray(y), idx, w)
+    if mesh is not None:
+        args = _parallel.replicate(args, mesh)
+    mean_loss, acc = _eval_fn(net, loss, mesh)(*args)
     with_acc = out_shape is not None and _has_accuracy(out_shape, y)
     return float(mean_loss), (float(acc) if with_acc else None)
 
 
 def predict(
-    net: Any, params: Any, x: Any, *, batch_size: int = 1024, state: Any = None
+    net: Any, params: Any, x: Any, *, batch_size: int = 1024, state: Any = None,
+    devices: Any = None,
 ) -> jax.Array:
     """The network's outputs ``(N, ...)`` in evaluation mode, in batches of ``batch_size``.
 
     ``state``: the network's state (BatchNorm's running statistics), default
     ``net.init_state``. An empty batch ``x`` of shape ``(0, *input_shape)`` gives an empty
     ``(0, *output_shape)`` array (no example, no output) after the same checks.
+    ``devices``: as in :func:`fit`; each batch is sharded along the data axis.
     """
     where = "predict"
     batch_size = _positive_int(batch_size, "predict: batch_size")
+    mesh = None if devices is None else _parallel.data_mesh(devices, where)
     _check_leaves(params, "params", where)
     x = _as_array(x, "x", where)
     if x.ndim < 1:
@@ -1022,7 +1107,10 @@ def predict(
                               jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
         return jnp.zeros((0, *spec.shape[1:]), spec.dtype)
     idx, _ = epoch_batches(jax.random.key(0), n, min(batch_size, n), shuffle=False)
-    out = _predict_fn(net)(params, state, x, idx)
+    args = (params, state, x, idx)
+    if mesh is not None:
+        args = _parallel.replicate(args, mesh)
+    out = _predict_fn(net, mesh)(*args)
     return out.reshape(-1, *out.shape[2:])[:n]
 
 
@@ -1153,6 +1241,7 @@ def fit(
     resume: bool = False,
     state: TrainState | None = None,
     model_state: Any = None,
+    devices: Any = None,
 ) -> FitResult:
     """Train ``net`` from ``params`` on ``(x, y)`` for up to ``epochs`` epochs.
 
@@ -1165,7 +1254,8 @@ def fit(
     return a scalar (checked when the step is traced, before it runs).
 
     Each epoch shuffles with ``fold_in(key(seed), epoch)``, runs ``ceil(N / batch_size)``
-    steps (the last batch padded with zero-weight examples: one compiled step for all), and
+    steps (the last batch padded with zero-weight examples, one compiled step for all;
+    for a network with BatchNorm it runs at its true size instead, see below), and
     appends to the history: ``loss`` / ``accuracy`` (running means over the epoch's
     steps), ``val_loss`` / ``val_accuracy`` (after the epoch, when ``validation_data`` is
     given) and ``time`` (seconds). Accuracy is ``None`` for non-classification targets.
@@ -1206,11 +1296,36 @@ def fit(
         (copied: the caller's arrays stay valid); ``params`` is then ignored and
         ``model_state`` must be left out (the state carries its own).
       model_state: the network's initial state (default ``net.init_state``).
+      devices: ``None`` (one device), ``"all"`` (every local device), a sequence of
+        devices, or a ``jax.sharding.Mesh`` with a ``"data"`` axis: data-parallel
+        training, below.
 
     Training runs the network in training mode (Dropout with a fresh key every step,
     ``fold_in(step_keys(seed), step)``; BatchNorm with batch statistics, its running
     statistics threaded through every step and kept in ``state.model_state``);
     validation runs in evaluation mode with those running statistics.
+
+    Several devices (``devices=``, :mod:`funcnet.parallel`): the data set is put whole on
+    every device of the mesh once, device to device (an ``x`` already on devices, e.g.
+    from ``parallel.shard_batch``, is validated where it lives, never copied through the
+    host); the parameters, the optimizer state and the network's state are replicated;
+    each step gathers its shuffled batch and shards it along the data axis, so every
+    device gathers and computes its own rows, and XLA all-reduces the gradient, the
+    metrics and BatchNorm's statistics: one compiled step, as on one device. The
+    returned state is replicated on the mesh. The result is that of one device (up to
+    float rounding) for any number of devices: a batch that does not divide by the
+    devices is split unevenly (XLA pads the last device's part internally and leaves the
+    padding out of every sum and mean), so no layer ever sees a row that one device would
+    not see. BatchNorm's batch statistics are those of the whole global batch, not of a
+    device's part.
+
+    BatchNorm and the last partial batch: padding rows (copies of example 0 with weight 0)
+    carry no loss and no gradient, but BatchNorm's training mode would compute its batch
+    mean and variance over them too. So for a network with a layer that says it
+    ``mixes_batch`` (BatchNorm), the last partial batch runs at its true size through a
+    second compiled program of the step (one more compilation per ``fit``, none per
+    epoch); other networks keep the padding and a single program. A last batch of one
+    example is then refused by BatchNorm, as in PyTorch.
 
     Returns:
       :class:`FitResult` ``(params, state, history, stop_reason)``.
@@ -1246,6 +1361,7 @@ def fit(
     if resume and checkpoint is None:
         raise ValueError("fit: resume=True needs a checkpoint path")
     mode = choose_epoch_mode(net, epoch_mode)
+    mesh = None if devices is None else _parallel.data_mesh(devices, where)
     if checkpoint is not None:
         checkpoint = _check_checkpoint(checkpoint, where)
     if state is not None:
@@ -1256,10 +1372,9 @@ def fit(
     update_args = (net, loss, optimizer, regularizer, lam, grad, seed, where)
     update = _make_update(*update_args)
 
-    x_np = np.asarray(_as_array(x, "x", "fit: training data"))
-    y_in = _as_array(y, "y", "fit: training data")
-    x_np, y_np = _data.check_dataset(x_np, y_in, _num_classes(net, x_np, where),
-                                     where="fit: training data", integer_x=_takes_integers(net))
+    x_np, y_np = _checked_data(net, _as_array(x, "x", "fit: training data"),
+                               _as_array(y, "y", "fit: training data"), mesh,
+                               "fit: training data")  # numpy, or on devices with a mesh
     out_shape = _output_shape(net, x_np, where)
     if state is None:
         _check_leaves(params, "params", where)
@@ -1277,7 +1392,11 @@ def fit(
                                 x_np, where)
 
     bs = min(batch_size, x_np.shape[0])
-    runner = EpochRunner(update, jnp.asarray(x_np), jnp.asarray(y_np), bs, mode, shuffle)
+    runner = EpochRunner(update, jnp.asarray(x_np), jnp.asarray(y_np), bs, mode, shuffle, mesh,
+                         exact_last=mixes_batch(net))
+    if val is not None and mesh is not None:
+        val = val._replace(**_parallel.replicate(
+            {"x": val.x, "y": val.y, "idx": val.idx, "w": val.w}, mesh))
 
     state = init_state(params, optimizer, model_state) if state is None else state
     history: dict[str, list] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [],
@@ -1315,8 +1434,8 @@ def fit(
             history["loss"].append(train_loss)
             history["accuracy"].append(train_acc if with_acc else None)
             if val is not None:
-                vl, va = _eval_fn(net, loss)(state.params, state.model_state, val.x, val.y,
-                                             val.idx, val.w)
+                vl, va = _eval_fn(net, loss, mesh)(state.params, state.model_state, val.x,
+                                                   val.y, val.idx, val.w)
                 vl = float(vl)
                 history["val_loss"].append(vl)
                 history["val_accuracy"].append(float(va) if val.with_acc else None)
@@ -1370,7 +1489,8 @@ def _non_finite_epoch(epoch, metrics, state, start_state, history, runner, updat
     whole updated state at every step and stops at the first bad one."""
     if not bool(_state_finite(state)):
         full = EpochRunner(_make_update(*update_args, guard="full"), runner.x, runner.y,
-                           runner.batch_size, runner.mode, runner.shuffle)
+                           runner.batch_size, runner.mode, runner.shuffle, runner.mesh,
+                           exact_last=bool(runner.last))
         replayed, replay_metrics, active = full.run(_copy(start_state), key, jnp.asarray(True))
         if not bool(active) and bool(_state_finite(replayed)):
             state, metrics = replayed, jax.device_get(replay_metrics)

@@ -117,3 +117,27 @@ def test_graph_and_summary_of_a_network_with_state():
     x = jax.random.normal(jax.random.key(1), (2, 5, 5, 1))
     expected = jax.jit(lambda p, s, x: net.apply_with_state(p, s, x)[0])(params, state, x)
     np.testing.assert_allclose(compiled(params, state, x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["loop", "scan"])
+def test_last_partial_batch_runs_at_its_true_size_for_batchnorm(mode):
+    """Padding rows (weight 0) would enter BatchNorm's batch statistics: for a network
+    that mixes the batch, fit's last partial batch equals a step on exactly those rows,
+    and the epoch's loss is the example-weighted mean of the two steps."""
+    net = fn.Serial([fn.Dense(8, use_bias=False), fn.BatchNorm(), fn.ReLU(), fn.Dense(3)])
+    assert fn.nn.base.mixes_batch(net) and not fn.nn.base.mixes_batch(fn.models.lenet5())
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 20)
+    params, state = net.init(jax.random.key(0), (5,)), net.init_state((5,))
+    opt = optax.sgd(0.1)
+    result = train.fit(net, params, x, y, optimizer=opt, epochs=1, batch_size=16,
+                       shuffle=False, model_state=state, epoch_mode=mode, progress=False)
+    step = train.make_step(net, fn.losses.softmax_cross_entropy, opt, donate=False)
+    s = train.init_state(params, opt, model_state=state)
+    s, m1 = step(s, x[:16], y[:16])
+    s, m2 = step(s, x[16:], y[16:])
+    chex.assert_trees_all_close((result.params, result.model_state),
+                                (s.params, s.model_state), rtol=1e-6, atol=1e-7)
+    expected = (16 * float(m1["loss"]) + 4 * float(m2["loss"])) / 20
+    assert result.history["loss"][0] == pytest.approx(expected, rel=1e-6)

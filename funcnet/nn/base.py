@@ -19,6 +19,8 @@ What a layer answers for itself (override these in a subclass):
 ``flops(input_shape)``          ``(flops, transcendentals)`` for one example, or ``None``
 ``receptive_field(shape, rf)``  how it changes the receptive field (:class:`RF`)
 ``stochastic``                  ``True`` if ``forward`` draws from ``key`` in training
+``mixes_batch``                 ``True`` if, in training, one example's output depends on
+                                the other examples of the batch (BatchNorm)
 ==============================  ========================================================
 
 What users call (validating, with errors that name the layer):
@@ -245,6 +247,12 @@ class Layer:
     stochastic: ClassVar[bool] = False
     #: ``True`` for convolution-like layers (``train.choose_epoch_mode`` reads it).
     convolutional: ClassVar[bool] = False
+    #: ``True`` for layers whose training-mode output for one example depends on the other
+    #: examples of the batch (BatchNorm's batch statistics). ``fit`` pads an epoch's last
+    #: partial batch with zero-weight rows, which such a layer would see; for a network
+    #: that contains one (:func:`mixes_batch`), it runs that batch at its true size instead.
+    #: A user layer that mixes the batch must set it.
+    mixes_batch: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         parts = []
@@ -625,6 +633,11 @@ def split_key(key: jax.Array | None, n: int) -> list:
     if key is None:
         return [None] * n
     return list(jax.random.split(key, n)) if n else []
+
+
+def mixes_batch(net: Any) -> bool:
+    """Whether ``net`` or any layer inside it says it ``mixes_batch``."""
+    return isinstance(net, Layer) and any(layer.mixes_batch for layer in iter_layers(net))
 
 
 def iter_layers(layer: Layer) -> Iterator[Layer]:

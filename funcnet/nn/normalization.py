@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -553,6 +553,8 @@ class BatchNorm(_AffineNorm):
     Receptive field: per element, so the field is kept; it is the field *per example*
     (in training each output also depends on every other example of the batch).
     """
+
+    mixes_batch: ClassVar[bool] = True  # batch statistics in training
 
     momentum: float = 0.1
 
