@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += loss.item() * len(idx)
         t_train = time.perf_counter() - t0
         net.eval()
         with torch.no_grad():

@@ -6,7 +6,6 @@ no half-written file."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 
@@ -26,26 +25,11 @@ if sys.version_info < (3, 11):  # jax2onnx itself needs Python >= 3.11 (the onnx
 # Imported, not importorskip'ed: with the dev extra installed these tests must run.
 import onnx
 import onnxruntime
+from test_zoo_cnn import _quick_params
 
 from funcnet import onnx as fonnx
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-
-
-def _quick_params(net, in_shape, seed=0):
-    """Random params of the right shapes drawn with NumPy (``net.init`` is slow for deep
-    nets), as tests/test_zoo_cnn.py: weights ``N(0, 1 / fan_in)``, vectors ``1 + N(0,
-    0.1^2)``."""
-    rng = np.random.default_rng(seed)
-
-    def draw(s):
-        if len(s.shape) >= 2:
-            w = rng.normal(size=s.shape) / math.sqrt(math.prod(s.shape[:-1]))
-        else:
-            w = 1.0 + 0.1 * rng.normal(size=s.shape)
-        return jnp.asarray(w.astype(np.float32))
-
-    return jax.tree_util.tree_map(draw, net.param_shapes(in_shape))
 
 
 def _quick_state(net, in_shape, seed=1):
