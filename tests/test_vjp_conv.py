@@ -65,8 +65,9 @@ def test_conv2d_rule_matches_autodiff_and_differences(in_shape, k_shape, stride,
 )
 def test_conv2d_rule_on_random_geometries(h, w, c, o, kh, kw, s, d, pad, bias):
     k_eff = ((kh - 1) * d + 1, (kw - 1) * d + 1)
-    extra = {"VALID": 0, "SAME": 0, 1: 2}.get(pad, 2)
-    if k_eff[0] > h + extra or k_eff[1] > w + extra:
+    # padding added per axis (SAME always fits the window); ((0, 2), (1, 0)): 2 rows, 1 column
+    extra = {"VALID": (0, 0), "SAME": (k_eff[0], k_eff[1]), 1: (2, 2)}.get(pad, (2, 1))
+    if k_eff[0] > h + extra[0] or k_eff[1] > w + extra[1]:
         return  # the window does not fit; ops reject it (tested in test_errors)
     with jax.enable_x64(True):
         x, kern, b = _arrays(h * 100 + w, (2, h, w, c), (kh, kw, c, o), (o,))
