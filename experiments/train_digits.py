@@ -58,6 +58,13 @@ def build_optimizer(name: str, lr: float, weight_decay: float, total_steps: int)
     return opt, (regularizers.l2 if weight_decay > 0 else None), weight_decay
 
 
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically: never a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def save_curves(history: dict, path: str, title: str) -> None:
     import matplotlib
 
@@ -149,10 +156,7 @@ def main(argv=None) -> dict:
                     "cpu_count": os.cpu_count(), "python": platform.python_version()},
     }  # fmt: skip
     export.save(os.path.join(args.out, "model.fnx"), net, result.params, input_shape)
-    metrics_path = os.path.join(args.out, "metrics.json")
-    with open(metrics_path + ".tmp", "w") as f:  # atomic: never a half-written file
-        json.dump(metrics, f, indent=1)
-    os.replace(metrics_path + ".tmp", metrics_path)
+    write_json(os.path.join(args.out, "metrics.json"), metrics)
     save_curves(result.history, os.path.join(args.out, "curves.png"),
                 f"digits, {args.model}: test accuracy {test_acc:.2%}")
     print(f"final test accuracy: {test_acc:.2%} (test loss {test_loss:.4f}); "

@@ -23,7 +23,6 @@ Models:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ import funcnet as fn
 from funcnet import checkpoint, data, export, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_digits import build_optimizer, save_curves
+from train_digits import build_optimizer, save_curves, write_json
 
 DEFAULTS = {
     "lenet5": {"epochs": 10, "batch_size": 128, "lr": 3e-3, "weight_decay": 1e-4,
@@ -152,10 +151,7 @@ def main(argv=None) -> dict:
         "machine": {"jax": jax.__version__, "backend": jax.default_backend(),
                     "cpu_count": os.cpu_count(), "python": platform.python_version()},
     }  # fmt: skip
-    metrics_path = os.path.join(out, "metrics.json")
-    with open(metrics_path + ".tmp", "w") as f:  # atomic: never a half-written file
-        json.dump(metrics, f, indent=1)
-    os.replace(metrics_path + ".tmp", metrics_path)
+    write_json(os.path.join(out, "metrics.json"), metrics)
     save_curves(result.history, os.path.join(out, "curves.png"),
                 f"Fashion-MNIST, {args.model}: test accuracy {test_acc:.2%}")
     print(f"final test accuracy: {test_acc:.2%} (test loss {test_loss:.4f}); total time "

@@ -751,31 +751,33 @@ class EpochRunner:
     def run(self, state, key, active, on_step: Callable[[int], None] | None = None):
         if self.mesh is not None:  # a no-op for arrays already replicated on the mesh
             state, key, active = _parallel.replicate((state, key, active), self.mesh)
-        collected = []
+        scanned = None
         if self.mode == "scan":
-            state, metrics, active = self._epoch(state, self.x, self.y, key, active)
+            state, scanned, active = self._epoch(state, self.x, self.y, key, active)
             if on_step is not None:
                 on_step(self.num_batches - (1 if self.last else 0))
             if not self.last:
-                return state, metrics, active
-            collected = [metrics]
+                return state, scanned, active
             steps = []
         else:
             steps = self._steps[:-1] if self.last else self._steps
         idx, w = self._batches(key)
+        collected = []
         for i in steps:
             state, m, active = self._step(state, self.x, self.y, idx, w, i, active)
-            collected.append(jax.tree_util.tree_map(lambda a: a[None], m))
+            collected.append(m)
             if on_step is not None:
                 on_step(1)
         if self.last:  # the partial last batch at its true size (a second program)
             r = self.last
             state, m, active = self._step(state, self.x, self.y, idx[-1:, :r], w[-1:, :r],
                                           self._steps[0], active)
-            collected.append(jax.tree_util.tree_map(lambda a: a[None], m))
+            collected.append(m)
             if on_step is not None:
                 on_step(1)
-        metrics = {k: jnp.concatenate([m[k] for m in collected]) for k in collected[0]}
+        metrics = {k: jnp.stack([m[k] for m in collected]) for k in collected[0]}
+        if scanned is not None:
+            metrics = {k: jnp.concatenate([scanned[k], metrics[k]]) for k in metrics}
         return state, metrics, active
 
     def cache_sizes(self) -> dict[str, int]:

@@ -16,20 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_train import CountingLoss
 
 import funcnet as fn
 from funcnet import losses, regularizers, train
-
-
-class CountingLoss:
-    """softmax cross-entropy that counts how often it is traced."""
-
-    def __init__(self):
-        self.traces = 0
-
-    def __call__(self, outputs, y):
-        self.traces += 1
-        return losses.softmax_cross_entropy(outputs, y)
 
 
 @pytest.fixture(scope="module")
