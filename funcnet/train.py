@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import os
 import tempfile
 import time
@@ -652,7 +651,7 @@ def epoch_batches(
     n = int(n)
     if n < 0:
         raise ValueError(f"{where}: n must be a non-negative int, got {n}")
-    batch_size = _positive_int(batch_size, f"{where}: batch_size")
+    batch_size = _checks.positive_int(batch_size, "batch_size", where)
     shuffle = _check_bool(shuffle, "shuffle", where)
     if shuffle and not _is_key(key):
         raise TypeError(
@@ -882,18 +881,6 @@ def _build_predict_fn(net, mesh=None):
     return jax.jit(run)
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {value!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
-
-
 def _output_shape(net: Any, x: Any, where: str, name: str = "x") -> tuple[int, ...] | None:
     """The network's unbatched output shape for ``x`` (``None`` for a network that does
     not say), with an error naming ``x`` when the network does not take its shape."""
@@ -1062,7 +1049,7 @@ def evaluate(
     ``devices``: as in :func:`fit`; each batch is sharded along the data axis.
     """
     where = "evaluate"
-    batch_size = _positive_int(batch_size, "evaluate: batch_size")
+    batch_size = _checks.positive_int(batch_size, "batch_size", "evaluate")
     mesh = None if devices is None else _parallel.data_mesh(devices, where)
     _checks.check_loss_fn(loss, where)
     _check_leaves(params, "params", where)
@@ -1092,7 +1079,7 @@ def predict(
     ``devices``: as in :func:`fit`; each batch is sharded along the data axis.
     """
     where = "predict"
-    batch_size = _positive_int(batch_size, "predict: batch_size")
+    batch_size = _checks.positive_int(batch_size, "batch_size", "predict")
     mesh = None if devices is None else _parallel.data_mesh(devices, where)
     _check_leaves(params, "params", where)
     x = _as_array(x, "x", where)
@@ -1341,14 +1328,14 @@ def fit(
     if epochs < 0:
         raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}")
     epochs = int(epochs)
-    batch_size = _positive_int(batch_size, "fit: batch_size")
+    batch_size = _checks.positive_int(batch_size, "batch_size", "fit")
     seed = _check_seed(seed, where)
     shuffle = _check_bool(shuffle, "shuffle", where)
     progress = _check_bool(progress, "progress", where)
     restore_best = _check_bool(restore_best, "restore_best", where)
     resume = _check_bool(resume, "resume", where)
     if patience is not None:
-        patience = _positive_int(patience, "fit: patience")
+        patience = _checks.positive_int(patience, "patience", "fit")
         if validation_data is None:
             raise ValueError("fit: patience needs validation_data")
     if restore_best and validation_data is None:
