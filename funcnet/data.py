@@ -331,23 +331,37 @@ def _images_and_labels(x, y, where, num_classes, scale, images_where=None, label
 # ---------------------------------------------------------------------------------------
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
     """Read an IDX file (raw, or gzip-compressed: detected from its first bytes).
 
     Format (big-endian): two zero bytes, a type code (``0x08`` uint8, ``0x09`` int8,
     ``0x0B`` int16, ``0x0C`` int32, ``0x0D`` float32, ``0x0E`` float64), the number of
     dimensions ``d``, then ``d`` uint32 sizes, then the data in C order.
 
+    ``mmap=True`` memory-maps a raw (uncompressed) file read-only instead of reading it:
+    nothing is read until it is indexed (the input of :class:`ArrayBatches`, which reads
+    one batch at a time). Its dtype is then the file's big-endian one (uint8 for images);
+    a gzip file cannot be mapped and is refused (``gunzip`` it once).
+
     Returns:
-      The array in native byte order, with the shape given by the header.
+      The array with the shape given by the header: in native byte order, or a read-only
+      ``np.memmap`` with ``mmap=True``.
     """
     where = f"read_idx({_fspath(path, 'read_idx')!r})"
     path = os.fspath(path)
+    if not isinstance(mmap, bool):
+        raise TypeError(f"{where}: mmap must be a bool, got {type(mmap).__name__} {mmap!r}")
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(4 + 4 * 255) if mmap else f.read()
+            size = os.fstat(f.fileno()).st_size
     except OSError as e:
         raise ValueError(f"{where}: cannot read the file ({e})") from e
+    if mmap and raw[:2] == GZIP_MAGIC:
+        raise ValueError(
+            f"{where}: mmap=True needs a raw IDX file, got a gzip-compressed one; decompress "
+            f"it once (gunzip -k {path!r}) and map the result"
+        )
     if raw[:2] == GZIP_MAGIC:
         try:
             raw = gzip.decompress(raw)
@@ -375,13 +389,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[code]
     expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-    got = len(raw) - header
+    got = (size if mmap else len(raw)) - header
     if got != expected:
         state = "truncated" if got < expected else "has trailing bytes"
         raise ValueError(
             f"{where}: file {state}: header shape {shape} of {dtype.name} needs {expected} "
             f"data bytes, found {got}"
         )
+    if mmap:
+        return np.memmap(path, dtype=dtype, mode="r", offset=header, shape=shape)
     data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
     return data.astype(dtype.newbyteorder("="))
 
@@ -450,6 +466,190 @@ def load_mnist(
             f"{labels_where}: labels must be a 1-D IDX array (N,), got shape {y.shape}"
         )
     return _images_and_labels(x, y, where, num_classes, 255.0, images_where, labels_where)
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming: one batch at a time
+# ---------------------------------------------------------------------------------------
+
+
+def _check_process(process: Any, batch_size: int, where: str) -> tuple[int, int] | None:
+    if process is None:
+        return None
+    ok = (isinstance(process, tuple) and len(process) == 2
+          and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in process))
+    if not ok:
+        raise TypeError(f"{where}: process must be None or a pair of ints (index, count), e.g. "
+                        f"(jax.process_index(), jax.process_count()), got {process!r}")
+    index, count = int(process[0]), int(process[1])
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"{where}: process=(index, count) needs count >= 1 and 0 <= index < "
+                         f"count, got {process!r}")
+    if batch_size % count:
+        raise ValueError(f"{where}: batch_size={batch_size} must divide by the {count} "
+                         f"processes (each reads batch_size / count rows of every batch)")
+    return index, count
+
+
+class ArrayBatches:
+    """A batch source for :func:`funcnet.train.fit` over arrays that need not fit in memory.
+
+    ``ArrayBatches(x, y, batch_size)`` reads a batch's rows of ``x`` and ``y`` only when
+    the batch is asked for: from numpy arrays, memory-mapped files
+    (``np.load(path, mmap_mode="r")``, ``read_idx(path, mmap=True)``) or anything with a
+    ``shape`` that takes an increasing integer index array along its first axis (an
+    ``h5py`` data set). Training from a memory map then holds about one batch of the data
+    in memory, where ``fit(net, params, x, y)`` holds a copy of the data set on the device.
+
+    ``source(epoch)`` returns an iterator over the batches of ``epoch`` (0-based):
+    ``(x_batch, y_batch)`` numpy pairs of ``batch_size`` rows, the last one shorter when
+    ``batch_size`` does not divide ``N`` (left out with ``drop_remainder=True``);
+    ``len(source)`` is the number of batches per epoch. The order is :func:`fit`'s own:
+    epoch ``e`` takes the rows in the order ``jax.random.permutation(fold_in(key(seed),
+    e), N)`` (``range(N)`` with ``shuffle=False``), so
+    ``fit(net, params, ArrayBatches(x, y, 128, seed=s), seed=s)`` trains exactly as
+    ``fit(net, params, x, y, batch_size=128, seed=s)``. The same epoch always gives the
+    same batches (``fit`` relies on it to replay an epoch; resume gives the same result).
+
+    ``transform(x, y, rng) -> (x, y)`` is applied to every batch after it is read
+    (conversion, augmentation), ``rng`` a ``numpy.random.Generator`` seeded by
+    ``(seed, epoch, batch index)``: reproducible augmentation.
+
+    ``process=(index, count)``: data-parallel training over several processes
+    (``jax.distributed``). Every process draws the same permutation and the same global
+    batches of ``batch_size`` rows and reads only its own ``batch_size / count``
+    consecutive rows of each (``batch_size`` must divide by ``count``), so the processes
+    together train on exactly the batches one process would. A partial last global batch
+    is split the same way, each process's part padded to ``batch_size / count`` rows of
+    weight 0: that batch is a triple ``(x, y, w)`` in every process.
+    """
+
+    def __init__(self, x: Any, y: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 drop_remainder: bool = False, transform: Any = None, process: Any = None):
+        where = "ArrayBatches"
+        for name, a in (("x", x), ("y", y)):
+            shape = getattr(a, "shape", None)
+            if not isinstance(shape, tuple) or len(shape) < 1 or not hasattr(a, "__getitem__"):
+                raise TypeError(f"{where}: {name} must be an array with a first (example) "
+                                f"axis, e.g. a numpy array or np.load(path, mmap_mode='r'), "
+                                f"got {type(a).__name__}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{where}: x and y must have the same number of examples, got "
+                             f"{x.shape[0]} (x shape {x.shape}) and {y.shape[0]} (y shape "
+                             f"{y.shape})")
+        if x.shape[0] == 0:
+            raise ValueError(f"{where}: the data set is empty (x shape {x.shape})")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+                or batch_size < 1:
+            raise ValueError(f"{where}: batch_size must be a positive int, got {batch_size!r}")
+        for name, flag in (("shuffle", shuffle), ("drop_remainder", drop_remainder)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{where}: {name} must be a bool, got {type(flag).__name__} "
+                                f"{flag!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise TypeError(f"{where}: seed must be a non-negative int, got {seed!r}")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"{where}: transform must be callable (x, y, rng) -> (x, y) or "
+                            f"None, got {type(transform).__name__}")
+        self.x, self.y = x, y
+        self.n, self.batch_size = int(x.shape[0]), int(batch_size)
+        self.shuffle, self.seed, self.drop_remainder = shuffle, int(seed), drop_remainder
+        self.transform = transform
+        self.process = _check_process(process, self.batch_size, where)
+        if drop_remainder and self.n < self.batch_size:
+            raise ValueError(f"{where}: drop_remainder=True with batch_size={batch_size} "
+                             f"leaves no batch of the {self.n} examples")
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest and not self.drop_remainder else 0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example indices of ``epoch`` in the order they are batched."""
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise TypeError(f"ArrayBatches: epoch must be a non-negative int, got {epoch!r}")
+        if not self.shuffle:
+            return np.arange(self.n)
+        import jax
+
+        key = jax.random.fold_in(jax.random.key(self.seed), int(epoch))
+        return np.asarray(jax.random.permutation(key, self.n))
+
+    def _read(self, a: Any, idx: np.ndarray) -> np.ndarray:
+        if idx.size == 0:
+            return np.asarray(a[np.arange(0)])
+        sort = np.argsort(idx, kind="stable")  # increasing indices: kind to files (h5py)
+        rows = np.asarray(a[idx[sort]])
+        out = np.empty_like(rows)
+        out[sort] = rows
+        return out
+
+    def __call__(self, epoch: int):
+        order = self.order(epoch)
+        return self._batches(int(epoch), order)
+
+    def _batches(self, epoch: int, order: np.ndarray):
+        bs = self.batch_size
+        for b in range(len(self)):
+            idx = order[b * bs:(b + 1) * bs]
+            w = None
+            if self.process is not None:
+                index, count = self.process
+                local = bs // count
+                partial = idx.size < bs  # the last global batch: a triple in every process
+                idx = idx[index * local:(index + 1) * local]
+                if partial:  # this process's part, padded to local rows of weight 0
+                    w = np.zeros(local, np.float32)
+                    w[:idx.size] = 1.0
+                    idx = np.concatenate([idx, np.zeros(local - idx.size, idx.dtype)])
+            xb, yb = self._read(self.x, idx), self._read(self.y, idx)
+            if self.transform is not None:
+                rng = np.random.default_rng([self.seed, epoch, b])
+                xb, yb = self.transform(xb, yb, rng)
+            yield (xb, yb) if w is None else (xb, yb, w)
+
+    def __repr__(self) -> str:
+        return (f"ArrayBatches(N={self.n}, batch_size={self.batch_size}, "
+                f"shuffle={self.shuffle}, seed={self.seed}, process={self.process})")
+
+
+def mnist_batches(
+    images_path: str | os.PathLike,
+    labels_path: str | os.PathLike,
+    batch_size: int,
+    *,
+    num_classes: int = 10,
+    transform: Any = None,
+    **kwargs: Any,
+) -> ArrayBatches:
+    """:class:`ArrayBatches` streaming MNIST-format IDX files from disk (memory-mapped).
+
+    The images file must be raw (``gunzip -k`` a ``.gz`` once): it is mapped, never read
+    whole, and each batch comes out as :func:`load_mnist` gives it, ``(B, H, W, 1)``
+    float32 in ``[0, 1]``; ``transform(x, y, rng)`` then applies to that. The labels
+    (``N`` bytes) are read and checked up front. Other keywords go to
+    :class:`ArrayBatches` (``shuffle``, ``seed``, ``drop_remainder``, ``process``).
+    """
+    images_where = f"mnist_batches: images file {_fspath(images_path, 'mnist_batches')!r}"
+    _check_num_classes(num_classes, "mnist_batches")
+    x = read_idx(images_path, mmap=True)
+    if x.ndim != 3 or x.dtype != np.uint8:
+        raise ValueError(f"{images_where}: images must be a 3-D uint8 IDX array (N, H, W), "
+                         f"got shape {x.shape} of {x.dtype}")
+    y = check_labels(read_idx(labels_path), num_classes,
+                     f"mnist_batches: labels file {os.fspath(labels_path)!r}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"mnist_batches: {x.shape[0]} images but {y.shape[0]} labels; they "
+                         f"must match")
+    if transform is not None and not callable(transform):
+        raise TypeError(f"mnist_batches: transform must be callable (x, y, rng) -> (x, y) or "
+                        f"None, got {type(transform).__name__}")
+
+    def to_float(xb, yb, rng):
+        xb = xb[..., None].astype(np.float32) / np.float32(255.0)
+        return (xb, yb) if transform is None else transform(xb, yb, rng)
+
+    return ArrayBatches(x, y, batch_size, transform=to_float, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------

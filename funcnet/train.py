@@ -48,6 +48,7 @@ from funcnet import checkpoint as _ckpt
 from funcnet import data as _data
 from funcnet import losses as _losses
 from funcnet import parallel as _parallel
+from funcnet import streaming as _stream
 from funcnet import vjp as _vjp
 from funcnet.nn.base import Layer, iter_layers, mixes_batch
 
@@ -747,7 +748,14 @@ class EpochRunner:
         self._epoch = jax.jit(scan_epoch, donate_argnums=(0,), **on_mesh)
         self._steps = [jnp.asarray(i, jnp.int32) for i in range(self.num_batches)]
 
-    def run(self, state, key, active, on_step: Callable[[int], None] | None = None):
+    def with_update(self, update) -> EpochRunner:
+        """The same data and batching with another step body (fit's full-guard replay)."""
+        return EpochRunner(update, self.x, self.y, self.batch_size, self.mode, self.shuffle,
+                           self.mesh, exact_last=bool(self.last))
+
+    def run(self, state, key, active, on_step: Callable[[int], None] | None = None,
+            epoch: int | None = None):
+        del epoch  # the key orders the batches
         if self.mesh is not None:  # a no-op for arrays already replicated on the mesh
             state, key, active = _parallel.replicate((state, key, active), self.mesh)
         scanned = None
@@ -1209,12 +1217,12 @@ def fit(
     net: Any,
     params: Any,
     x: Any,
-    y: Any,
+    y: Any = None,
     *,
     loss: Loss = _losses.softmax_cross_entropy,
     optimizer: optax.GradientTransformation | None = None,
     epochs: int = 10,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     regularizer: Callable[[Any], jax.Array] | None = None,
     lam: float = 0.0,
     validation_data: tuple[Any, Any] | None = None,
@@ -1267,6 +1275,22 @@ def fit(
     ``state.model_state``) while ``state.opt_state`` and ``state.step`` stay those of the
     last epoch; the checkpoint file holds the last epoch. After ``resume`` the best is
     taken over the resumed epochs only (the checkpoint keeps the last state, not the best).
+
+    Data: arrays ``x`` and ``y``, held on the device for the whole run (``batch_size``
+    default 32), or a *batch source* given as ``x`` without ``y`` (:mod:`funcnet.streaming`):
+    a callable ``epoch -> iterable of (x, y) batches`` or a re-iterable, e.g.
+    :class:`funcnet.data.ArrayBatches` over memory-mapped files (only about one batch in
+    memory; the same training as the arrays, bitwise) or a generator with the user's own
+    augmentation. The source sets the batch size (its first batch's rows); each batch is
+    checked as it arrives (an error names the epoch and the batch), a short batch is
+    padded with weight-0 rows (true size with BatchNorm), and the epoch runs as a loop.
+
+    Several processes (``jax.distributed.initialize``, ``devices="all"`` or a mesh over
+    every process's devices): every process calls ``fit`` with the same arguments and
+    gives either the whole data set as host arrays (each process then reads only its
+    rows of every batch, :class:`~funcnet.data.ArrayBatches` with ``process=``) or a
+    batch source of its own part of every global batch; the training is that of one
+    process on the global batches.
 
     Args:
       net, params: the network and its initial parameters (not modified).
@@ -1328,7 +1352,8 @@ def fit(
     if epochs < 0:
         raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}")
     epochs = int(epochs)
-    batch_size = _checks.positive_int(batch_size, "batch_size", "fit")
+    if batch_size is not None:
+        batch_size = _checks.positive_int(batch_size, "batch_size", "fit")
     seed = _check_seed(seed, where)
     shuffle = _check_bool(shuffle, "shuffle", where)
     progress = _check_bool(progress, "progress", where)
@@ -1351,6 +1376,16 @@ def fit(
         raise ValueError("fit: resume=True needs a checkpoint path")
     mode = choose_epoch_mode(net, epoch_mode)
     mesh = None if devices is None else _parallel.data_mesh(devices, where)
+    streaming = y is None
+    if streaming:
+        _stream.check_source(x, where)
+        if epoch_mode == "scan":
+            raise ValueError("fit: epoch_mode='scan' needs the data set as arrays (x, y); a "
+                             "batch source runs the loop (epoch_mode='auto' or 'loop')")
+        mode = "loop"
+    elif _stream.is_source(x) and not isinstance(x, list | tuple):
+        raise TypeError(f"fit: x is a batch source ({type(x).__name__}); give it without y "
+                        f"(its batches carry the labels), or give x and y as arrays")
     if checkpoint is not None:
         checkpoint = _check_checkpoint(checkpoint, where)
     if state is not None:
@@ -1361,9 +1396,31 @@ def fit(
     update_args = (net, loss, optimizer, regularizer, lam, grad, seed, where)
     update = _make_update(*update_args)
 
-    x_np, y_np = _checked_data(net, _as_array(x, "x", "fit: training data"),
-                               _as_array(y, "y", "fit: training data"), mesh,
-                               "fit: training data")  # numpy, or on devices with a mesh
+    source = None
+    if streaming:  # the first batch stands in for the data set in the checks below
+        xb, yb, _ = _stream.first_batch(x, where)
+        x_np, y_np = _checked_data(net, _as_array(xb, "x", "fit: epoch 1, batch 1"),
+                                   _as_array(yb, "y", "fit: epoch 1, batch 1"), None,
+                                   "fit: epoch 1, batch 1")
+        if batch_size is not None and batch_size != x_np.shape[0]:
+            raise ValueError(f"fit: batch_size={batch_size}, but the batch source's first "
+                             f"batch has {x_np.shape[0]} rows; leave batch_size out (the "
+                             f"source sets it)")
+        source = x
+    else:
+        x_np, y_np = _checked_data(net, _as_array(x, "x", "fit: training data"),
+                                   _as_array(y, "y", "fit: training data"), mesh,
+                                   "fit: training data")  # numpy, or on devices with a mesh
+        batch_size = 32 if batch_size is None else batch_size
+        if mesh is not None and jax.process_count() > 1:
+            # every process holds the data set and reads its own rows of every batch
+            if isinstance(x_np, jax.Array):
+                raise ValueError("fit: with several processes, give x and y as host arrays "
+                                 "(the whole data set in every process) or a batch source of "
+                                 "each process's part (data.ArrayBatches(process=...))")
+            source = _data.ArrayBatches(
+                x_np, y_np, min(batch_size, x_np.shape[0]), shuffle=shuffle, seed=seed,
+                drop_remainder=False, process=(jax.process_index(), jax.process_count()))
     out_shape = _output_shape(net, x_np, where)
     if state is None:
         _check_leaves(params, "params", where)
@@ -1380,9 +1437,16 @@ def fit(
                                 model_state if state is None else state.model_state,
                                 x_np, where)
 
-    bs = min(batch_size, x_np.shape[0])
-    runner = EpochRunner(update, jnp.asarray(x_np), jnp.asarray(y_np), bs, mode, shuffle, mesh,
-                         exact_last=mixes_batch(net))
+    if source is not None:
+        runner = _stream.StreamRunner(
+            update, source, x_np.shape[0] if streaming else source.batch_size
+            // jax.process_count(), x_like=x_np, y_like=y_np,
+            num_classes=_num_classes(net, x_np, where), integer_x=_takes_integers(net),
+            mesh=mesh, exact_last=mixes_batch(net), where=where)
+    else:
+        bs = min(batch_size, x_np.shape[0])
+        runner = EpochRunner(update, jnp.asarray(x_np), jnp.asarray(y_np), bs, mode, shuffle,
+                             mesh, exact_last=mixes_batch(net))
     if val is not None and mesh is not None:
         val = val._replace(**_parallel.replicate(
             {"x": val.x, "y": val.y, "idx": val.idx, "w": val.w}, mesh))
@@ -1404,8 +1468,10 @@ def fit(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=(epochs - start) * runner.num_batches, unit="step",
-                   desc=f"fit {mode}", leave=True)
+        per_epoch = runner.num_batches
+        bar = tqdm(total=None if per_epoch is None else (epochs - start) * per_epoch,
+                   unit="step", desc=f"fit {mode}", leave=True,
+                   disable=jax.process_index() != 0)  # one bar for several processes
     try:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
@@ -1413,7 +1479,7 @@ def fit(
             active = jnp.asarray(True)
             state, metrics, active = runner.run(
                 state, epoch_key(seed_key, epoch), active,
-                on_step=(bar.update if bar is not None else None),
+                on_step=(bar.update if bar is not None else None), epoch=epoch,
             )
             metrics = jax.device_get(metrics)
             if not bool(active) or not bool(_state_finite(state)):
@@ -1477,10 +1543,9 @@ def _non_finite_epoch(epoch, metrics, state, start_state, history, runner, updat
     epoch is run again from its (finite) start with the full guard, which checks the
     whole updated state at every step and stops at the first bad one."""
     if not bool(_state_finite(state)):
-        full = EpochRunner(_make_update(*update_args, guard="full"), runner.x, runner.y,
-                           runner.batch_size, runner.mode, runner.shuffle, runner.mesh,
-                           exact_last=bool(runner.last))
-        replayed, replay_metrics, active = full.run(_copy(start_state), key, jnp.asarray(True))
+        full = runner.with_update(_make_update(*update_args, guard="full"))
+        replayed, replay_metrics, active = full.run(_copy(start_state), key, jnp.asarray(True),
+                                                    epoch=epoch)
         if not bool(active) and bool(_state_finite(replayed)):
             state, metrics = replayed, jax.device_get(replay_metrics)
         else:  # cannot happen with a deterministic step; the epoch's start is finite
@@ -1496,7 +1561,7 @@ def _raise_non_finite(epoch, metrics, state, history, runner):
     global_step = int(state.step)
     raise NonFiniteLossError(
         f"fit: non-finite loss, gradient or update (loss {value}) at epoch {epoch + 1}, "
-        f"step {i + 1} of {runner.num_batches} (after {global_step} updates); training "
+        f"step {i + 1} of {len(metrics['finite'])} (after {global_step} updates); training "
         f"stopped and the last finite parameters are kept in the error's .state (check the "
         f"data for NaN / inf or huge values, and the learning rate)",
         epoch=epoch + 1, step=i + 1, global_step=global_step, value=value, state=state,
