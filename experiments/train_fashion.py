@@ -16,8 +16,12 @@ Models:
   BatchNorm after every convolution, global average pooling; AdamW (weight decay 5e-2),
   batch 128, 12 epochs, the hand-written rules (``grad="manual"``).
 - ``vit``: a small ViT (139,018 parameters): 4x4 patches, width 64, 4 encoder blocks of
-  4 heads, MLP 128; AdamW lr 1e-3 (weight decay 5e-2), batch 128, hand rules, 10 epochs
-  over the training images and their mirrored copies (``--flip``: 120,000 images).
+  4 heads, MLP 128; AdamW lr 1e-3 (weight decay 5e-2), batch 128, hand rules, 20 epochs
+  with random augmentation (``--augment``: every batch drawn afresh, each image mirrored
+  with probability 1/2 and shifted by up to 2 pixels; ``fit`` streams the batches from a
+  ``data.ArrayBatches`` source).
+
+``--flip`` instead adds a fixed mirrored copy of every image (120,000 images per epoch).
 """
 
 from __future__ import annotations
@@ -39,12 +43,31 @@ from train_digits import build_optimizer, save_curves, write_json
 
 DEFAULTS = {
     "lenet5": {"epochs": 10, "batch_size": 128, "lr": 3e-3, "weight_decay": 1e-4,
-               "grad": "autodiff", "flip": False},
+               "grad": "autodiff", "flip": False, "augment": False},
     "resnet": {"epochs": 12, "batch_size": 128, "lr": 3e-3, "weight_decay": 5e-2,
-               "grad": "manual", "flip": False},
-    "vit": {"epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 5e-2,
-            "grad": "manual", "flip": True},
+               "grad": "manual", "flip": False, "augment": False},
+    "vit": {"epochs": 20, "batch_size": 128, "lr": 1e-3, "weight_decay": 5e-2,
+            "grad": "manual", "flip": False, "augment": True},
 }
+#: ``--augment``: the largest random shift, in pixels, along each axis.
+MAX_SHIFT = 2
+
+
+def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
+            max_shift: int = MAX_SHIFT) -> tuple[np.ndarray, np.ndarray]:
+    """A batch ``(B, H, W, C)`` with each image mirrored left-right with probability 1/2
+    and shifted by a random whole number of pixels in ``[-max_shift, max_shift]`` along
+    each axis (the uncovered border is 0, the background); the labels unchanged."""
+    b, h, w = x.shape[:3]
+    mirror = rng.random(b) < 0.5
+    x = np.where(mirror[:, None, None, None], x[:, :, ::-1], x)
+    p = max_shift
+    padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    top = rng.integers(0, 2 * p + 1, b)
+    left = rng.integers(0, 2 * p + 1, b)
+    rows = (top[:, None] + np.arange(h))[:, :, None]
+    cols = (left[:, None] + np.arange(w))[:, None, :]
+    return padded[np.arange(b)[:, None, None], rows, cols], y
 
 
 def small_resnet(num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128)) -> fn.Serial:
@@ -98,6 +121,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="add a left-right mirrored copy of every training image "
                              "(twice the steps per epoch; default: per model)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="random mirroring and shifts of up to 2 pixels, drawn afresh "
+                             "for every batch (default: per model)")
     parser.add_argument("--seed", type=int, default=0, help="init, shuffling and dropout")
     parser.add_argument("--data", default=None, help=f"default: {data.FASHION_MNIST_DIR}")
     parser.add_argument("--out", default=None, help="default: runs/fashion-<model>")
@@ -117,18 +143,25 @@ def main(argv=None) -> dict:
     net = build_model(args.model)
     input_shape = split.x_train.shape[1:]
     params = net.init(jax.random.key(args.seed), input_shape)
+    train_data = (split.x_train, split.y_train)
+    if cfg["augment"]:  # a batch source: fit streams it, each epoch's batches drawn afresh
+        train_data = (data.ArrayBatches(split.x_train, split.y_train, cfg["batch_size"],
+                                        seed=args.seed, transform=augment),)
     steps_per_epoch = -(-len(split.x_train) // cfg["batch_size"])
     optimizer, regularizer, lam = build_optimizer(
         "adamw", cfg["lr"], cfg["weight_decay"], cfg["epochs"] * steps_per_epoch
     )
     mirrored = " (half of them mirrored copies)" if cfg["flip"] else ""
+    if cfg["augment"]:
+        mirrored += f" (randomly mirrored and shifted by up to {MAX_SHIFT} pixels)"
     print(f"fashion-mnist: {len(split.x_train)} train{mirrored} / {len(split.x_test)} test images "
           f"{input_shape}; model {args.model} ({fn.param_count(net, input_shape):,} "
           f"parameters); adamw lr {cfg['lr']} weight decay {cfg['weight_decay']}, "
           f"{cfg['epochs']} epochs of batch {cfg['batch_size']}")
     result = train.fit(
-        net, params, split.x_train, split.y_train, optimizer=optimizer,
-        regularizer=regularizer, lam=lam, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+        net, params, *train_data, optimizer=optimizer,
+        regularizer=regularizer, lam=lam, epochs=cfg["epochs"],
+        batch_size=None if cfg["augment"] else cfg["batch_size"],
         grad=cfg["grad"], seed=args.seed, validation_data=(split.x_test, split.y_test),
         progress=not args.no_progress,
     )  # fmt: skip

@@ -1,6 +1,8 @@
 """The Fashion-MNIST loader, on small IDX files the test writes (the suite never needs the
 real data set)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -52,3 +54,31 @@ def test_bad_labels_in_the_files_are_named(tmp_path):
     data.write_idx(tmp_path / data.FASHION_MNIST_FILES["train_labels"], bad)
     with pytest.raises(ValueError, match="train-labels"):
         fn.data.fashion_mnist(tmp_path)
+
+
+def test_train_fashion_augment_mirrors_and_shifts():
+    """experiments/train_fashion.py --augment: every output image is its input, mirrored
+    or not, shifted by at most 2 pixels per axis (zeros shifted in); all the choices occur."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    from train_fashion import augment
+
+    rng = np.random.default_rng(0)
+    x = rng.random((600, 7, 7, 1)).astype(np.float32)
+    y = np.arange(600)
+    out, y_out = augment(x, y, np.random.default_rng(1))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    np.testing.assert_array_equal(y_out, y)
+    seen = set()
+    for i in range(len(x)):
+        found = []
+        for mirror in (False, True):
+            img = np.pad(x[i, :, ::-1] if mirror else x[i], ((2, 2), (2, 2), (0, 0)))
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    if np.array_equal(out[i], img[2 - dy:9 - dy, 2 - dx:9 - dx]):
+                        found.append((mirror, dy, dx))
+        assert len(found) == 1, (i, found)
+        seen.add(found[0])
+    assert len(seen) == 2 * 5 * 5
