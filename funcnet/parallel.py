@@ -40,9 +40,12 @@ _EXPECTED = (f"None, 'all', a sequence of jax devices, or a jax.sharding.Mesh wi
 def data_mesh(devices: Any = "all", where: str = "data_mesh") -> Mesh:
     """A :class:`~jax.sharding.Mesh` to shard batches over.
 
-    ``devices``: ``"all"`` (``jax.local_devices()``), a sequence of distinct devices of
-    this process (one platform), or a ``Mesh``: returned as it is when it has an axis
-    named ``"data"`` or a single axis (any name; that axis is then the data axis). Other
+    ``devices``: ``"all"`` (``jax.devices()``: this process's devices, or, after
+    ``jax.distributed.initialize``, those of every process), a sequence of distinct
+    devices (one platform; in a multi-process run it must hold devices of every
+    process, as every process runs the same program), or a ``Mesh``: returned as it is
+    when it has an axis named ``"data"`` or a single axis (that axis is then the data
+    axis). Other
     axes of a mesh hold replicas. A bad value raises ``TypeError`` / ``ValueError``
     naming ``where``, what was expected and what was given.
     """
@@ -57,7 +60,7 @@ def data_mesh(devices: Any = "all", where: str = "data_mesh") -> Mesh:
         if devices != "all":
             raise ValueError(f"{where}: devices must be {_EXPECTED}, got the string "
                              f"{devices!r}")
-        devices = jax.local_devices()
+        devices = jax.devices()
     elif isinstance(devices, jax.Device):
         raise TypeError(f"{where}: devices must be {_EXPECTED}, got a single device "
                         f"{devices}; pass a sequence, [device]")
@@ -82,11 +85,20 @@ def _check_devices(devices: list, where: str) -> None:
     platforms = sorted({d.platform for d in devices})
     if len(platforms) > 1:
         raise ValueError(f"{where}: devices must share one platform, got {platforms}")
+    if jax.process_count() == 1:
+        return
     pid = jax.process_index()
-    foreign = [d for d in devices if d.process_index != pid]
-    if foreign:
-        raise ValueError(f"{where}: devices must belong to this process (multi-process "
-                         f"training is not supported), got {foreign}")
+    if not any(d.process_index == pid for d in devices):
+        raise ValueError(f"{where}: devices must include devices of this process "
+                         f"({pid}): every process runs the same program on its own "
+                         f"devices, got devices of processes "
+                         f"{sorted({d.process_index for d in devices})}")
+    counts = {p: sum(d.process_index == p for d in devices)
+              for p in range(jax.process_count())}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"{where}: devices must take as many devices from every process "
+                         f"(each process feeds its devices the same share of a batch), got "
+                         f"{counts} (process: devices)")
 
 
 def data_axis(mesh: Mesh) -> str:
