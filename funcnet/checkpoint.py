@@ -35,6 +35,28 @@ field.
 optimizer state) and checks that paths, shapes and dtypes agree; a mismatch or a truncated
 / corrupt file raises :class:`CheckpointError` (a ``ValueError``) naming the file and the
 first difference.
+
+Sharded arrays, many processes
+------------------------------
+:func:`restore` gives each leaf the sharding of its template leaf when that leaf is a
+``jax.Array`` (or a ``jax.ShapeDtypeStruct`` with a ``sharding``): a replicated template
+comes back replicated, a batch-sharded one sharded the same way, on the same devices.
+Each process materialises only its own (addressable) shards, so the template may span
+the devices of several processes. A template sharding that cannot hold the stored shape
+raises :class:`CheckpointError` naming the file and the leaf.
+
+:func:`save` takes arrays of any sharding, also arrays spread over several processes
+(``jax.distributed``): a replicated array is read from one local copy, a sharded one is
+gathered (a collective). The file is the same single archive, in the same format.
+
+In a multi-process run **every process calls** :func:`save` **and** :func:`restore`
+**with the same arguments** (same path, same tree structure, same metadata), in the
+same order: saving gathers sharded leaves across the processes. Only process 0
+(``jax.process_index() == 0``) writes the file, atomically as above; every process
+returns from :func:`save` only once it is written (a barrier), so a :func:`restore` right
+after sees it, and if process 0 could not write it the others raise too. The path must
+be on a file system that every process sees (each process reads the whole file when
+restoring).
 """
 
 from __future__ import annotations
@@ -73,11 +95,24 @@ def _is_prng_key(leaf: Any) -> bool:
     return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
+def _to_host(a: Any) -> np.ndarray:
+    """``a`` as one numpy array. An array spread over several processes is read from a
+    local copy when it is replicated, else gathered from every process (a collective:
+    every process must make the same call)."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        if a.is_fully_replicated:
+            return np.asarray(a.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+
+
 def _leaf_to_numpy(leaf: Any) -> tuple[np.ndarray, str]:
     if _is_prng_key(leaf):
         impl = str(jax.random.key_impl(leaf))
-        return np.asarray(jax.random.key_data(leaf)), f"prng_key:{impl}"
-    arr = np.asarray(leaf)
+        return _to_host(jax.random.key_data(leaf)), f"prng_key:{impl}"
+    arr = _to_host(leaf)
     if arr.dtype.kind not in "biufcV" or (arr.dtype.kind == "V" and not _is_ml_dtype(arr.dtype)):
         raise TypeError(
             f"checkpoint.save: leaves must be arrays or numbers, got {type(leaf).__name__} "
@@ -259,18 +294,23 @@ def _check_target(path: Any, where: str, create_parents: bool = False) -> str:
     return path
 
 
-def _write_archive(f, tree: Any, metadata: Any) -> None:
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+def _host_leaves(leaves_with_paths: list) -> Iterator[tuple[str, np.ndarray, str]]:
+    """``(keystr path, numpy array, kind)`` for each leaf, converted one at a time."""
+    for path, leaf in leaves_with_paths:
+        yield (jax.tree_util.keystr(path), *_leaf_to_numpy(leaf))
+
+
+def _write_archive(f, leaves, treedef: Any, metadata: Any) -> None:
+    """Write the archive of ``leaves`` (``(path, array, kind)``, see :func:`_host_leaves`)."""
     entries = []
     with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED) as zf:
-        for i, (path, leaf) in enumerate(leaves_with_paths):
-            arr, kind = _leaf_to_numpy(leaf)
+        for i, (path, arr, kind) in enumerate(leaves):
             member = f"leaf_{i:05d}.npy"
             buf = io.BytesIO()
             np.lib.format.write_array(buf, _storable(arr), allow_pickle=False)
             zf.writestr(member, buf.getvalue())
             entries.append({
-                "path": jax.tree_util.keystr(path),
+                "path": path,
                 "member": member,
                 "shape": list(arr.shape),
                 "dtype": arr.dtype.name,
@@ -296,20 +336,67 @@ def save(path: str | os.PathLike, tree: Any, metadata: Any = None) -> None:
         keys.
       metadata: JSON-serialisable value stored alongside (epoch, history, config...).
 
+    Leaves may be sharded ``jax.Array``s, also arrays spread over several processes: then
+    every process must call ``save`` with the same arguments; sharded leaves are gathered,
+    process 0 writes the file and every process returns once it is written (see the
+    module docstring).
+
     Raises:
       ValueError: ``path`` is a directory, or its directory does not exist.
       TypeError: ``path`` is not a path, ``metadata`` is not JSON-serialisable, or a leaf
         is not an array or a number. All checked before anything is written.
+      RuntimeError: (several processes, on every process but 0) process 0 failed to
+        write the file; process 0 raises its own error.
     """
     path = _check_target(path, "checkpoint.save")
     try:
         json.dumps(metadata)
     except (TypeError, ValueError) as e:
         raise TypeError(f"checkpoint.save: metadata must be JSON-serialisable ({e})") from e
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    for key_path, leaf in leaves_with_paths:
         _check_leaf(leaf, f"checkpoint.save: leaf {jax.tree_util.keystr(key_path)}")
-    with _atomic_file(path) as f:
-        _write_archive(f, tree, metadata)
+    if _process_count(leaves_with_paths) == 1:  # converted leaf by leaf while writing
+        with _atomic_file(path) as f:
+            _write_archive(f, _host_leaves(leaves_with_paths), treedef, metadata)
+        return
+    _save_from_process_zero(path, leaves_with_paths, treedef, metadata)
+
+
+def _process_count(leaves_with_paths: list) -> int:
+    """``jax.process_count()``, without starting a backend (a GPU's, say) only to save a
+    tree of host arrays in a run that ``jax.distributed`` has not set up."""
+    if jax.distributed.is_initialized() or any(
+        isinstance(leaf, jax.Array) for _, leaf in leaves_with_paths
+    ):
+        return jax.process_count()
+    return 1
+
+
+def _save_from_process_zero(path: str, leaves_with_paths: list, treedef: Any,
+                            metadata: Any) -> None:
+    """:func:`save` in a multi-process run: every process gathers every leaf (the same
+    collectives in the same order), process 0 writes, then all wait for its outcome."""
+    from jax.experimental import multihost_utils
+
+    # All collectives happen here, before any writing: an error while process 0 writes
+    # cannot leave the others waiting in a gather.
+    leaves = list(_host_leaves(leaves_with_paths))
+    error = None
+    if jax.process_index() == 0:
+        try:
+            with _atomic_file(path) as f:
+                _write_archive(f, leaves, treedef, metadata)
+        except Exception as e:  # reported to the other processes, then raised here
+            error = e
+    # A barrier (a gather, like multihost_utils.sync_global_devices) that carries process
+    # 0's outcome: no process returns before the file is in place.
+    outcome = multihost_utils.process_allgather(np.int32(error is None))
+    if error is not None:
+        raise error
+    if not int(np.asarray(outcome).reshape(-1)[0]):
+        raise RuntimeError(f"checkpoint.save: process 0 failed to write {path!r} (its own "
+                           f"error says why)")
 
 
 def _source(path: Any, where: str) -> str:
@@ -477,8 +564,12 @@ def restore(path: str | os.PathLike, template: Any) -> tuple[Any, Any]:
     shape and dtype (arrays, ``jax.ShapeDtypeStruct``, numbers or PRNG keys). The result
     has the template's structure; a leaf is a ``jax.Array`` where the template has a jax
     array or ``ShapeDtypeStruct``, a numpy array where it has a numpy array, and a numpy
-    scalar array for a Python number. Raises :class:`CheckpointError` if the paths, a
-    shape or a dtype differ, or if the file is truncated or corrupt.
+    scalar array for a Python number. A ``jax.Array`` comes back with the template leaf's
+    sharding (replicated, batch-sharded, on one device...; a ``ShapeDtypeStruct``'s when it
+    has one, else the default device), also a sharding over several processes, of which
+    each process builds only its own shards. Raises :class:`CheckpointError` if the
+    paths, a shape or a dtype differ, if a template's sharding cannot hold its leaf, or
+    if the file is truncated or corrupt.
     """
     path = _source(path, "checkpoint.restore")
     zf, manifest = _open(path)
@@ -512,11 +603,40 @@ def restore(path: str | os.PathLike, template: Any) -> tuple[Any, Any]:
                     f"but {kind} {dtype.name}{tuple(shape)} in the template"
                 )
             arr = _read_leaf(zf, entry, path)
+            sharding = _template_sharding(t_leaf)
+            if sharding is not None:  # the template's devices and layout
+                arr = _on_devices(arr, sharding, path, jax.tree_util.keystr(p))
             if kind.startswith("prng_key:"):
                 impl = kind.split(":", 1)[1]
                 out.append(jax.random.wrap_key_data(jnp.asarray(arr), impl=impl))
-            elif isinstance(t_leaf, np.ndarray | np.generic | int | float | bool | complex):
+            elif sharding is not None or isinstance(
+                t_leaf, np.ndarray | np.generic | int | float | bool | complex
+            ):
                 out.append(arr)
             else:
                 out.append(jnp.asarray(arr))
     return jax.tree_util.tree_unflatten(treedef, out), manifest.get("metadata")
+
+
+def _template_sharding(leaf: Any) -> jax.sharding.Sharding | None:
+    """Where a template leaf's restored array goes: the sharding of a ``jax.Array`` (for a
+    typed PRNG key, that of its key data) or of a ``ShapeDtypeStruct`` that has one."""
+    if _is_prng_key(leaf):
+        return jax.random.key_data(leaf).sharding if isinstance(leaf, jax.Array) else None
+    if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
+        sharding = getattr(leaf, "sharding", None)
+        return sharding if isinstance(sharding, jax.sharding.Sharding) else None
+    return None
+
+
+def _on_devices(arr: np.ndarray, sharding: jax.sharding.Sharding, path: str,
+                leaf: str) -> jax.Array:
+    """``arr`` as a ``jax.Array`` with ``sharding``; each process builds only its own
+    (addressable) shards, so ``sharding`` may span the devices of several processes."""
+    try:
+        return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
+    except (ValueError, TypeError, IndexError) as e:
+        raise CheckpointError(
+            f"checkpoint {path!r}: leaf {leaf} ({arr.dtype.name}{tuple(arr.shape)}) cannot "
+            f"take the template's sharding {sharding}: {e}"
+        ) from e

@@ -19,6 +19,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 
 import jax
@@ -27,7 +28,7 @@ import numpy as np
 import optax
 
 import funcnet as fn
-from funcnet import parallel, train
+from funcnet import checkpoint, parallel, train
 
 jax.config.update("jax_enable_compilation_cache", False)  # count real compilations
 
@@ -217,8 +218,104 @@ def main():
         "predict_shape": list(p4.shape), "evaluate_batch": SEEN.get("evaluate"),
         "predict_batch": SEEN.get("predict"),
     }
+
+    # -- checkpoints: restored with the template's shardings; fit resumes bitwise --------
+    LABEL[0] = "checkpoint"
+    with tempfile.TemporaryDirectory() as tmp:
+        out["checkpoint"] = checkpoint_checks(tmp, mesh, rng)
+        out["resume"] = resume_checks(tmp, mesh, net, params, x, y, opt)
     out["seconds"] = time.perf_counter() - t0
     print(json.dumps(out))
+
+
+def _raw(a):
+    """A leaf as numpy (a typed PRNG key as its key data)."""
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a = jax.random.key_data(a)
+    return np.asarray(a)
+
+
+def checkpoint_checks(tmp, mesh, rng):
+    """Save arrays of every sharding, restore them into a template of zeros (other keys)
+    with the same shardings: per leaf, whether the sharding is the template's, the values
+    the saved ones (bitwise), and where the shards are. Plus a template sharding that
+    cannot hold its leaf."""
+    rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    last = jax.sharding.SingleDeviceSharding(jax.devices()[3])
+    normal = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    saved = {
+        "params": {"w": jax.device_put(normal(6, 3), rep), "b": jax.device_put(normal(3), rep)},
+        "step": jax.device_put(np.int32(7), rep),
+        "batch": jax.device_put(normal(8, 5), rows),
+        "bf16": jax.device_put(normal(8).astype(jnp.bfloat16), rows),
+        "keys": jax.device_put(jax.random.split(jax.random.key(1), 8), rows),
+        "key": jax.device_put(jax.random.key(2), rep),
+        "last_device": jax.device_put(normal(4), last),
+        "struct": jax.device_put(normal(12, 2), rows),
+    }
+    path = os.path.join(tmp, "sharded.ckpt")
+    checkpoint.save(path, saved, metadata={"step": 7})
+
+    def blank(a):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            other = jax.random.split(jax.random.key(9), a.shape) if a.shape else jax.random.key(9)
+            return jax.device_put(other, a.sharding)
+        return jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding)
+
+    template = jax.tree_util.tree_map(blank, saved)
+    template["struct"] = jax.ShapeDtypeStruct((12, 2), jnp.float32, sharding=rows)
+    restored, meta = checkpoint.restore(path, template)
+    on_host, _ = checkpoint.load(path)  # every leaf as numpy, keys as their key data
+    leaves = {}
+    for (p, r), t, s in zip(jax.tree_util.tree_leaves_with_path(restored),
+                            jax.tree_util.tree_leaves(template),
+                            jax.tree_util.tree_leaves(saved), strict=True):
+        name = jax.tree_util.keystr(p)
+        leaves[name] = {
+            "same_sharding": r.sharding == t.sharding,
+            "same_values": bool(np.array_equal(_raw(r), _raw(s))) and r.dtype == s.dtype,
+            "file_values": bool(np.array_equal(on_host[name], _raw(s))),
+            "devices": sorted(d.id for d in r.sharding.device_set),
+            "shards": sorted([list(x.index[0].indices(r.shape[0]))[:2] if r.ndim else [],
+                              list(x.data.shape)] for x in r.addressable_shards),
+        }
+    # a key restored into a sharded template draws what the saved key draws
+    draws = bool(np.array_equal(jax.random.normal(restored["keys"][5], (3,)),
+                                jax.random.normal(saved["keys"][5], (3,))))
+    bad = os.path.join(tmp, "six_rows.ckpt")
+    checkpoint.save(bad, {"batch": normal(6, 5)})
+    try:
+        checkpoint.restore(bad, {"batch": jax.ShapeDtypeStruct((6, 5), jnp.float32,
+                                                               sharding=rows)})
+        error = None
+    except checkpoint.CheckpointError as e:
+        error = str(e)
+    return {"leaves": leaves, "metadata": meta, "keys_draw_alike": draws,
+            "indivisible_error": error, "path": path, "bad_path": bad}
+
+
+def resume_checks(tmp, mesh, net, params, x, y, opt):
+    """fit on the mesh for 3 epochs, against 2 epochs with a checkpoint then a resumed
+    third epoch that starts from other parameters (which the checkpoint must replace)."""
+    path = os.path.join(tmp, "run.ckpt")
+    kw = dict(batch_size=16, optimizer=opt, seed=3, progress=False, epoch_mode="loop",
+              devices=mesh)
+    full = train.fit(net, params, x, y, epochs=3, **kw)
+    first = train.fit(net, params, x, y, epochs=2, checkpoint=path, **kw)
+    others = net.init(jax.random.key(5), (6,))
+    resumed = train.fit(net, others, x, y, epochs=3, checkpoint=path, resume=True, **kw)
+    stored, _ = checkpoint.load(path)
+    return {
+        "state": mismatch(resumed.state, full.state, rtol=0, atol=0),
+        "history": resumed.history["loss"] == full.history["loss"],
+        "first_differs": mismatch(first.state, full.state, rtol=0, atol=0) is not None,
+        "replicated": all(a.sharding.is_fully_replicated and len(a.sharding.device_set) == 4
+                          for a in jax.tree_util.tree_leaves(resumed.state)),
+        "step": int(resumed.state.step),
+        "checkpoint_epoch": checkpoint.read_metadata(path)["epoch"],
+        "checkpoint_is_final": mismatch(list(stored.values()),
+                                        jax.tree_util.tree_leaves(full.state), rtol=0, atol=0),
+    }
 
 
 if __name__ == "__main__":

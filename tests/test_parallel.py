@@ -1,6 +1,7 @@
 """Data parallelism (funcnet.parallel, ``devices=``): on 4 simulated CPU devices, fit,
 make_step, evaluate and predict give the one-device results, shard the batch, replicate
-the state and compile once; bad ``devices`` arguments are named errors.
+the state and compile once; checkpoints come back with the template's shardings and fit
+resumes bitwise on the mesh; bad ``devices`` arguments are named errors.
 
 JAX fixes its device count when it starts, so the 4-device checks run in one subprocess
 (tests/parallel_checks.py, which prints JSON); this session keeps its single device.
@@ -124,6 +125,45 @@ def test_evaluate_and_predict_on_four_devices(four):
     assert r["predict_shape"] == [68, 3]
     _sharded_batch(r["evaluate_batch"], 30)
     _sharded_batch(r["predict_batch"], 30)
+
+
+def test_restore_gives_the_template_shardings_on_four_devices(four):
+    # saved from arrays of every sharding; restored into zeros (other keys) laid out alike
+    r = four["checkpoint"]
+    leaves = r["leaves"]
+    for name, leaf in leaves.items():
+        assert leaf["same_sharding"], name  # sharding == the template leaf's
+        assert leaf["same_values"] and leaf["file_values"], name  # bitwise, dtype kept
+    rows4 = lambda n, *rest: [[[i, i + n // 4], [n // 4, *rest]]  # noqa: E731
+                              for i in range(0, n, n // 4)]
+    everywhere = lambda *shape: [[[0, shape[0]] if shape else [], list(shape)]] * 4  # noqa: E731
+    assert {name: leaf["shards"] for name, leaf in leaves.items()} == {
+        "['params']['w']": everywhere(6, 3), "['params']['b']": everywhere(3),
+        "['step']": everywhere(), "['key']": everywhere(),  # replicated (a typed key too)
+        "['batch']": rows4(8, 5), "['bf16']": rows4(8), "['keys']": rows4(8),  # by rows
+        "['struct']": rows4(12, 2),  # a ShapeDtypeStruct's sharding
+        "['last_device']": [[[0, 4], [4]]],  # one device, the template's
+    }
+    assert leaves["['last_device']"]["devices"] == [3]
+    assert all(leaf["devices"] == [0, 1, 2, 3] for name, leaf in leaves.items()
+               if name != "['last_device']")
+    assert r["metadata"] == {"step": 7} and r["keys_draw_alike"]
+    # a template sharding that cannot hold the stored leaf: a named error, not XLA's
+    assert r["indivisible_error"].startswith(
+        f"checkpoint {r['bad_path']!r}: leaf ['batch'] (float32(6, 5)) cannot take the "
+        f"template's sharding NamedSharding("), r["indivisible_error"]
+    assert "partitioned 4 times, but the dimension size is 6" in r["indivisible_error"]
+
+
+def test_fit_on_four_devices_resumes_bitwise(four):
+    # 3 epochs straight vs 2 epochs + a checkpoint + 1 resumed epoch (BatchNorm, Dropout);
+    # the resumed run starts from other parameters, which the checkpoint must replace
+    r = four["resume"]
+    assert r["first_differs"]  # the comparison is not trivially equal
+    assert r["state"] is None, r["state"]  # params, opt state, BN statistics, step: bitwise
+    assert r["history"] and r["step"] == 3 * 5
+    assert r["replicated"]  # the resumed state lives on the 4 devices
+    assert r["checkpoint_epoch"] == 3 and r["checkpoint_is_final"] is None, r
 
 
 # ---------------------------------------------------------------------------------------
