@@ -196,6 +196,58 @@ def save_error(outdir: str) -> dict:
             "epoch_after_retry": ckpt.read_metadata(path)["epoch"]}
 
 
+def fit_problem(n: int = 75):
+    """The data and networks the "fit" scenario trains, and the test compares with one
+    process: an MLP with Dropout (a partial last batch) and a conv net with BatchNorm."""
+    import funcnet as fn
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 6, 6, 1)).astype(np.float32)
+    y = rng.integers(0, 3, size=n).astype(np.int32)
+    mlp = fn.Serial([fn.Flatten(), fn.Dense(8), fn.ReLU(), fn.Dropout(0.25), fn.Dense(3)])
+    bn = fn.Serial([fn.Conv(3, 3), fn.BatchNorm(), fn.ReLU(), fn.Flatten(), fn.Dense(3)])
+    return x, y, mlp, bn
+
+
+FIT_KW = {"epochs": 2, "seed": 5, "progress": False}
+
+
+@scenario
+def fit(outdir: str) -> dict:
+    """Data-parallel ``fit`` over both processes' 4 devices: (1) the MLP on the whole data
+    set given as arrays in each process (each reads its rows of every batch), with a
+    checkpoint and validation; (2) the BatchNorm net streamed from a memory-mapped file
+    through ``ArrayBatches(process=...)``, each process reading only its rows."""
+    import optax
+
+    from funcnet import data, train
+
+    pid = jax.process_index()
+    x, y, mlp, bn = fit_problem()
+    params = mlp.init(jax.random.key(1), (6, 6, 1))
+    first = train.fit(mlp, params, x, y, batch_size=16, optimizer=optax.adam(1e-2),
+                      devices="all", validation_data=(x[:20], y[:20]),
+                      checkpoint=os.path.join(outdir, "fit.ckpt"), **FIT_KW)
+    np.save(os.path.join(outdir, f"x.{pid}.npy"), x[:64])  # each process its own copy
+    np.save(os.path.join(outdir, f"y.{pid}.npy"), y[:64])
+    xm = np.load(os.path.join(outdir, f"x.{pid}.npy"), mmap_mode="r")
+    ym = np.load(os.path.join(outdir, f"y.{pid}.npy"), mmap_mode="r")
+    source = data.ArrayBatches(xm, ym, 16, seed=5, process=(pid, jax.process_count()))
+    second = train.fit(bn, bn.init(jax.random.key(2), (6, 6, 1)), source,
+                       optimizer=optax.sgd(0.05), devices="all", **FIT_KW)
+    leaves = {}
+    for name, result in (("mlp", first), ("bn", second)):
+        tree = (result.params, result.model_state)
+        for i, leaf in enumerate(jax.tree.leaves(tree)):
+            assert leaf.is_fully_replicated and not leaf.is_fully_addressable
+            leaves[f"{name}.{i}"] = np.asarray(leaf.addressable_data(0))
+    np.savez(os.path.join(outdir, f"fit_params.{pid}.npz"), **leaves)
+    return {"mlp_history": first.history, "bn_history": second.history,
+            "steps": [int(first.state.step.addressable_data(0)),
+                      int(second.state.step.addressable_data(0))],
+            "batch_rows": source.batch_size // jax.process_count()}
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 5 or argv[0] not in SCENARIOS:
         sys.exit(f"usage: {os.path.basename(__file__)} <scenario> <process_id> "

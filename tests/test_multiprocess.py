@@ -184,3 +184,45 @@ def test_saving_host_arrays_alone_does_not_start_jax(tmp_path):
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "False"
+
+
+def test_fit_over_two_processes_is_the_one_process_fit(tmp_path):
+    """Data-parallel fit over 2 processes x 2 devices (arrays, and a memory-mapped stream
+    that each process reads its part of) trains as one process does, and the checkpoint
+    it wrote restores in this single process."""
+    import optax
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from multiprocess_checks import FIT_KW, fit_problem
+
+    from funcnet import train
+
+    results = run_scenario("fit", tmp_path)
+    x, y, mlp, bn = fit_problem()
+    mlp_ref = train.fit(mlp, mlp.init(jax.random.key(1), (6, 6, 1)), x, y, batch_size=16,
+                        optimizer=optax.adam(1e-2), validation_data=(x[:20], y[:20]), **FIT_KW)
+    bn_ref = train.fit(bn, bn.init(jax.random.key(2), (6, 6, 1)), x[:64], y[:64],
+                       batch_size=16, optimizer=optax.sgd(0.05), **FIT_KW)
+    assert [r["steps"] for r in results] == [[10, 8]] * 2
+    assert results[0]["batch_rows"] == 8
+    with np.load(tmp_path / "fit_params.0.npz") as f0, \
+            np.load(tmp_path / "fit_params.1.npz") as f1:
+        got = [dict(f0), dict(f1)]
+    for name, ref in (("mlp", mlp_ref), ("bn", bn_ref)):
+        leaves = jax.tree.leaves((ref.params, ref.model_state))
+        for i, leaf in enumerate(leaves):
+            np.testing.assert_array_equal(got[0][f"{name}.{i}"], got[1][f"{name}.{i}"])
+            np.testing.assert_allclose(got[0][f"{name}.{i}"], np.asarray(leaf), rtol=1e-5,
+                                       atol=1e-6, err_msg=f"{name} leaf {i}")
+        for r in results:
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+                np.testing.assert_allclose(
+                    np.asarray(r[f"{name}_history"][key], float),
+                    np.asarray(ref.history[key], float), rtol=1e-5, err_msg=key)
+    # the checkpoint fit wrote (process 0, after every epoch) restores here, on one device
+    template = {"state": train.init_state(mlp.init(jax.random.key(9), (6, 6, 1)),
+                                          optax.adam(1e-2))}
+    restored, meta = checkpoint.restore(tmp_path / "fit.ckpt", template)
+    assert meta["epoch"] == 2 and int(restored["state"].step) == 10
+    for i, leaf in enumerate(jax.tree.leaves(restored["state"].params)):
+        np.testing.assert_array_equal(np.asarray(leaf), got[0][f"mlp.{i}"])
