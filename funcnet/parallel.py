@@ -2,8 +2,9 @@
 
 :func:`funcnet.train.fit`, :func:`~funcnet.train.make_step`,
 :func:`~funcnet.train.evaluate` and :func:`~funcnet.train.predict` take
-``devices=``: ``None`` (one device, the default), ``"all"`` (every local device), a
-sequence of devices, or a :class:`jax.sharding.Mesh` with a data axis. Each batch is
+``devices=``: ``None`` (one device, the default), ``"all"`` (every device; every
+process's after ``jax.distributed.initialize``), a sequence of devices, or a
+:class:`jax.sharding.Mesh` with a data axis. Each batch is
 then sharded along the data axis (its first dimension); parameters, the network's state
 and the optimizer state are replicated; the step is one program compiled with ``jit``,
 and XLA inserts the all-reduces (the gradient's, and BatchNorm's batch statistics over

@@ -1309,7 +1309,7 @@ def fit(
         (copied: the caller's arrays stay valid); ``params`` is then ignored and
         ``model_state`` must be left out (the state carries its own).
       model_state: the network's initial state (default ``net.init_state``).
-      devices: ``None`` (one device), ``"all"`` (every local device), a sequence of
+      devices: ``None`` (one device), ``"all"`` (every device), a sequence of
         devices, or a ``jax.sharding.Mesh`` with a ``"data"`` axis: data-parallel
         training, below.
 
