@@ -4,7 +4,8 @@
 sub-modules ``fn.ops``, ``fn.losses``, ``fn.regularizers``, ``fn.models``, ``fn.train``,
 ``fn.data``, ``fn.checkpoint``, ``fn.vjp`` (hand-written backward rules), ``fn.gradcheck``,
 ``fn.graph``, ``fn.export``, ``fn.onnx`` (needs the ``onnx`` extra when called),
-``fn.cache`` and ``fn.parallel`` (data parallelism over several devices).
+``fn.cache``, ``fn.parallel`` (data parallelism over several devices) and
+``fn.precision`` (mixed precision for ``make_step``).
 """
 
 from funcnet import (
@@ -20,6 +21,7 @@ from funcnet import (
     onnx,
     ops,
     parallel,
+    precision,
     regularizers,
     train,
     vjp,
@@ -110,6 +112,7 @@ __all__ = [
     "ops",
     "parallel",
     "param_count",
+    "precision",
     "regularizers",
     "set_param_limit",
     "summary",

@@ -48,6 +48,7 @@ from funcnet import checkpoint as _ckpt
 from funcnet import data as _data
 from funcnet import losses as _losses
 from funcnet import parallel as _parallel
+from funcnet import precision as _precision
 from funcnet import streaming as _stream
 from funcnet import vjp as _vjp
 from funcnet.nn.base import Layer, iter_layers, mixes_batch
@@ -391,7 +392,7 @@ GUARDS = ("loss", "full")
 
 
 def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0, where="make_step",
-                 guard="loss", check_labels=False):
+                 guard="loss", check_labels=False, precision=None):
     """The un-jitted step body shared by :func:`make_step`, the loop and the scanned epoch.
 
     ``update(state, x, y, w, active) -> (state, metrics, active)``. ``w=None`` uses
@@ -407,7 +408,10 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0, where=
     ``"full"``. ``check_labels`` (``make_step``): integer labels ``(B,)`` outside
     ``[0, K)`` for outputs ``(B, K)`` make the step not apply and its loss NaN (under
     ``jit`` an out-of-range label otherwise gives a NaN loss with a finite gradient, or,
-    for a negative one, silently the class ``K + label``).
+    for a negative one, silently the class ``K + label``). ``precision``: mixed
+    precision (:mod:`funcnet.precision`; ``None`` off), for ``grad="autodiff"`` and
+    ``"manual"``; with a loss scale (float16) the step's finiteness includes the
+    gradients, so an overflowing scaled gradient makes the step not apply.
     """
     if guard not in GUARDS:
         raise ValueError(f"{where}: guard must be one of {GUARDS}, got {guard!r}")
@@ -419,14 +423,27 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0, where=
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from None
     root = step_keys(_check_seed(seed, where))
+    policy = _precision.get_policy(precision, where)
     manual = factory is _vjp.value_and_grad
     plain, wloss = _scalar_loss(loss_fn, where), weighted_loss(loss_fn, where=where)
     if factory is autodiff_value_and_grad or manual:
         # one forward pass (training mode, state and key threaded) gives the loss, the
         # gradient, the new state and the outputs for the accuracy
-        with_state = (_vjp.value_and_grad_with_state if manual
-                      else autodiff_value_and_grad_with_state)
-        vg_plain, vg_weighted = with_state(net, plain), with_state(net, wloss)
+        if policy is None:
+            with_state = (_vjp.value_and_grad_with_state if manual
+                          else autodiff_value_and_grad_with_state)
+            vg_plain, vg_weighted = with_state(net, plain), with_state(net, wloss)
+        else:  # the same, the network cast to the compute dtype and the loss scaled
+            mixed = (_vjp.value_and_grad_with_state if manual
+                     else _precision.autodiff_value_and_grad_with_state)
+            vg_plain = mixed(net, plain, precision=policy)
+            vg_weighted = mixed(net, wloss, precision=policy)
+    elif policy is not None:
+        raise ValueError(
+            f"{where}: precision={precision!r} needs grad='autodiff' or grad='manual' (a "
+            f"custom grad callable computes its own loss, which mixed precision cannot "
+            f"cast), got grad={grad!r}"
+        )
     else:  # other plug-in modes only return (loss, grads), for nets without state
         vg_plain, vg_weighted = factory(net, plain), factory(net, wloss)
     if manual and regularizer in _vjp.regularizers.GRADS:
@@ -444,6 +461,8 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0, where=
         return loss, grads, state.model_state, net.apply(state.params, x)
 
     def update(state, x, y, w=None, active=None):
+        if policy is not None:  # at trace time: the float32 master parameters
+            _precision.check_params(policy, state.params, where)
         loss, grads, model_state, out = value_and_grad(state, x, y, w)
         if not jax.tree_util.tree_leaves(state.model_state):
             model_state = state.model_state  # a stateless net: keep the carry's structure
@@ -470,6 +489,9 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0, where=
                 nan = jnp.asarray(jnp.nan, loss.dtype)
                 metrics["loss"] = jnp.where(in_range, loss, nan)
                 metrics["objective"] = jnp.where(in_range, objective, nan)
+            if policy is not None and policy.checks_gradients:
+                # a scaled float16 gradient overflows with a finite loss: skip the step
+                finite = jnp.logical_and(finite, _all_finite(grads))
             if guard == "full":
                 # a finite gradient can still overflow the update (float16 parameters)
                 finite = jnp.logical_and(finite, _all_finite(params, opt_state, model_state))
@@ -492,6 +514,7 @@ def make_step(
     donate: bool = True,
     seed: int = 0,
     devices: Any = None,
+    precision: Any = None,
 ) -> Callable:
     """A jit-compiled train step ``step(state, x, y, weights=None) -> (state, metrics)``.
 
@@ -521,6 +544,20 @@ def make_step(
         that does not divide by the devices travels padded with zero rows, which the
         program cuts off before computing anything (see :func:`fit`); ``step.jitted``
         then takes ``(state, x, y, weights, n)``: the padded batch and its size ``n``.
+      precision: mixed precision (:mod:`funcnet.precision`). ``None`` (default): off,
+        everything in the parameters' dtype. ``"bfloat16"`` / ``"bf16"``: inside the step
+        the float32 parameters and a floating ``x`` are cast to bfloat16, the network's
+        forward and backward pass (autodiff's or the hand rules, ``grad="manual"``) run
+        in bfloat16, its output is cast to float32 for the loss, and the gradients come
+        back in float32 for the optimizer; ``state.params``, ``state.opt_state`` and
+        ``state.model_state`` (BatchNorm's statistics, computed in float32) stay float32.
+        ``"float16"`` / ``"fp16"``: the same in float16 with a static loss scale of
+        ``2**15`` (the loss is multiplied by it before the backward pass and the float32
+        gradients divided by it); a step whose scaled gradient is not finite (an
+        overflow) is not applied: the incoming state comes back unchanged, ``state.step``
+        included. A :class:`funcnet.precision.Policy` sets the dtypes and the loss scale
+        (``Policy(jnp.float16, loss_scale=2.0**10)``); the parameters must be float32
+        (its ``param_dtype``). Needs ``grad="autodiff"`` or ``"manual"``.
 
     The step runs the network in training mode and threads its state: the returned
     ``state.model_state`` holds BatchNorm's updated running statistics.
@@ -545,7 +582,7 @@ def make_step(
     _check_bool(donate, "donate", where)
     mesh = None if devices is None else _parallel.data_mesh(devices, where)
     update = _make_update(net, loss, optimizer, regularizer, lam, grad, seed, where,
-                          check_labels=True)
+                          check_labels=True, precision=precision)
 
     def step(state, x, y, weights=None):
         new, metrics, _ = update(state, x, y, weights, jnp.asarray(True))
@@ -1239,6 +1276,7 @@ def fit(
     state: TrainState | None = None,
     model_state: Any = None,
     devices: Any = None,
+    precision: Any = None,
 ) -> FitResult:
     """Train ``net`` from ``params`` on ``(x, y)`` for up to ``epochs`` epochs.
 
@@ -1312,6 +1350,12 @@ def fit(
       devices: ``None`` (one device), ``"all"`` (every device), a sequence of
         devices, or a ``jax.sharding.Mesh`` with a ``"data"`` axis: data-parallel
         training, below.
+      precision: mixed precision, as in :func:`make_step` (``"bfloat16"``: the network
+        runs forward and backward in bfloat16, the parameters, the optimizer state and
+        BatchNorm's statistics stay float32). With float16's loss scale a step whose
+        scaled gradient overflows is not applied, and ``fit`` then stops with
+        :class:`NonFiniteLossError` (the last finite state kept): lower the scale
+        (``precision.Policy(jnp.float16, loss_scale=...)``) or use bfloat16.
 
     Training runs the network in training mode (Dropout with a fresh key every step,
     ``fold_in(step_keys(seed), step)``; BatchNorm with batch statistics, its running
@@ -1394,7 +1438,8 @@ def fit(
                              "its own model_state)")
         state = _check_train_state(state, optimizer, where)
     update_args = (net, loss, optimizer, regularizer, lam, grad, seed, where)
-    update = _make_update(*update_args)
+    precision = _precision.get_policy(precision, where)
+    update = _make_update(*update_args, precision=precision)
 
     source = None
     if streaming:  # the first batch stands in for the data set in the checks below
@@ -1483,8 +1528,8 @@ def fit(
             )
             metrics = jax.device_get(metrics)
             if not bool(active) or not bool(_state_finite(state)):
-                _non_finite_epoch(epoch, metrics, state, start_state, history, runner, update_args,
-                                  epoch_key(seed_key, epoch))
+                _non_finite_epoch(epoch, metrics, state, start_state, history, runner,
+                                  (*update_args, precision), epoch_key(seed_key, epoch))
             train_loss, train_acc = _epoch_summary(metrics)
             history["loss"].append(train_loss)
             history["accuracy"].append(train_acc if with_acc else None)
@@ -1543,7 +1588,8 @@ def _non_finite_epoch(epoch, metrics, state, start_state, history, runner, updat
     epoch is run again from its (finite) start with the full guard, which checks the
     whole updated state at every step and stops at the first bad one."""
     if not bool(_state_finite(state)):
-        full = runner.with_update(_make_update(*update_args, guard="full"))
+        *args, precision = update_args
+        full = runner.with_update(_make_update(*args, guard="full", precision=precision))
         replayed, replay_metrics, active = full.run(_copy(start_state), key, jnp.asarray(True),
                                                     epoch=epoch)
         if not bool(active) and bool(_state_finite(replayed)):

@@ -30,7 +30,17 @@ import jax
 import jax.numpy as jnp
 
 from funcnet import _checks
-from funcnet.nn.base import RF, FallbackResiduals, Layer, OpLayer, Rule, Shape, static
+from funcnet.nn.base import (
+    RF,
+    FallbackResiduals,
+    Layer,
+    OpLayer,
+    Rule,
+    Shape,
+    downcast,
+    static,
+    upcast,
+)
 
 # ---------------------------------------------------------------------------------------
 # The ops
@@ -96,15 +106,19 @@ def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
 
 
 def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``y_k = exp(b_k) / sum_l exp(b_l)`` along ``axis`` (computed shift-stably)."""
+    """``y_k = exp(b_k) / sum_l exp(b_l)`` along ``axis`` (computed shift-stably).
+
+    A bfloat16 / float16 ``x`` is normalised in float32 and ``y`` keeps ``x``'s dtype
+    (PyTorch's autocast runs softmax in float32 too)."""
     x = _input(x, "softmax")
-    return jax.nn.softmax(x, axis=_axis(x, axis, "softmax"))
+    return downcast(jax.nn.softmax(upcast(x), axis=_axis(x, axis, "softmax")), x)
 
 
 def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``log softmax(x)`` along ``axis``, finite for logits of any magnitude."""
+    """``log softmax(x)`` along ``axis``, finite for logits of any magnitude (in float32
+    for a bfloat16 / float16 ``x``, the result in ``x``'s dtype)."""
     x = _input(x, "log_softmax")
-    return jax.nn.log_softmax(x, axis=_axis(x, axis, "log_softmax"))
+    return downcast(jax.nn.log_softmax(upcast(x), axis=_axis(x, axis, "log_softmax")), x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,9 +216,10 @@ def softmax_fwd(x: jax.Array, axis: int = -1):
 
 
 def softmax_bwd(res: AxisResiduals, g: jax.Array):
-    """``(y (g - sum(g y)),)`` along the softmax axis."""
-    y, axis = res.y, res.axis.axis
-    return (y * (g - jnp.sum(g * y, axis=axis, keepdims=True)),)
+    """``(y (g - sum(g y)),)`` along the softmax axis (float32 inside for bfloat16)."""
+    y, axis = upcast(res.y), res.axis.axis
+    g32 = upcast(g)
+    return (downcast(y * (g32 - jnp.sum(g32 * y, axis=axis, keepdims=True)), g, res.y),)
 
 
 def log_softmax_fwd(x: jax.Array, axis: int = -1):
@@ -215,8 +230,9 @@ def log_softmax_fwd(x: jax.Array, axis: int = -1):
 
 def log_softmax_bwd(res: AxisResiduals, g: jax.Array):
     """``(g - softmax(x) sum(g),)`` along the axis; ``softmax = exp(log_softmax)``."""
-    z, axis = res.y, res.axis.axis
-    return (g - jnp.exp(z) * jnp.sum(g, axis=axis, keepdims=True),)
+    z, axis = upcast(res.y), res.axis.axis
+    g32 = upcast(g)
+    return (downcast(g32 - jnp.exp(z) * jnp.sum(g32, axis=axis, keepdims=True), g, res.y),)
 
 
 RULES = {

@@ -38,7 +38,9 @@ from funcnet.nn.base import (
     Shape,
     check_init_fn,
     check_param_dtype,
+    downcast,
     static,
+    upcast,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def _attend(x, w_qkv, b_qkv, w_out, b_out, h):
     q, k, v = (_split_heads(qkv[..., i * d:(i + 1) * d], h) for i in range(3))
     scale = 1.0 / math.sqrt(d // h)
     s = jnp.einsum("nhqe,nhke->nhqk", q, k) * scale
-    a = jax.nn.softmax(s, axis=-1)
+    a = downcast(jax.nn.softmax(upcast(s), axis=-1), s)  # float32 inside for bfloat16
     y = _merge_heads(jnp.einsum("nhqk,nhke->nhqe", a, v))
     out = y @ w_out
     if b_out is not None:
@@ -206,7 +208,8 @@ def attention_param_and_input_grads(res: AttentionResiduals, g: jax.Array, need_
     dy = _split_heads(g @ res.w_out.T, res.heads.num_heads)  # (N, H, T, d)
     da = jnp.einsum("nhqe,nhke->nhqk", dy, res.v)
     dv = jnp.einsum("nhqk,nhqe->nhke", res.a, dy)
-    ds = res.a * (da - jnp.sum(da * res.a, axis=-1, keepdims=True)) * scale
+    a, da32 = upcast(res.a), upcast(da)  # the softmax's sum in float32 for bfloat16
+    ds = downcast(a * (da32 - jnp.sum(da32 * a, axis=-1, keepdims=True)) * scale, da)
     dq = jnp.einsum("nhqk,nhke->nhqe", ds, res.k)
     dk = jnp.einsum("nhqk,nhqe->nhke", ds, res.q)
     dqkv = jnp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)

@@ -658,6 +658,31 @@ def param_count(layer: Layer, input_shape: Shape) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def upcast(a: jax.Array | None) -> jax.Array | None:
+    """``a`` in float32 if it is a narrower float (bfloat16, float16), else ``a`` itself.
+
+    Mixed precision (:mod:`funcnet.precision`): reductions whose accuracy matters (the
+    statistics of BatchNorm and LayerNorm, the softmax's normaliser) run in float32 on a
+    low-precision input and their result is cast back, as Flax and PyTorch's autocast do.
+    For float32 and float64 it adds no operation at all (``None`` stays ``None``).
+    """
+    if a is None or jnp.dtype(a.dtype).itemsize >= 4 or not jnp.issubdtype(a.dtype,
+                                                                          jnp.floating):
+        return a
+    return a.astype(jnp.float32)
+
+
+def downcast(y: jax.Array, x: jax.Array, *others: jax.Array | None) -> jax.Array:
+    """``y`` (computed through :func:`upcast`) back in the dtype a low-precision ``x``
+    promotes to with ``others`` (the layer's params, ``None`` skipped); ``y`` itself for
+    an ``x`` of float32 or wider (no operation: the dtypes are exactly as without
+    :func:`upcast`)."""
+    if upcast(x) is x:
+        return y
+    dtype = jnp.result_type(x, *(o for o in others if o is not None))
+    return y if y.dtype == dtype else y.astype(dtype)
+
+
 def check_init_fn(value: Any, name: str, where: str) -> None:
     if not callable(value):
         raise TypeError(

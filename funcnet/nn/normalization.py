@@ -51,7 +51,9 @@ from funcnet.nn.base import (
     Shape,
     check_bool,
     check_param_dtype,
+    downcast,
     static,
+    upcast,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -134,9 +136,11 @@ def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     Returns:
       ``(mean, var)``, each ``(C,)``: ``mu = mean(x)``, ``var = mean((x - mu)^2)``
-      (two passes, which stays accurate when ``|mu| >> sigma``).
+      (two passes, which stays accurate when ``|mu| >> sigma``); in float32 for a
+      bfloat16 / float16 ``x`` (mixed precision: the statistics are never low-precision).
     """
     axes = tuple(range(x.ndim - 1))
+    x = upcast(x)
     mean = jnp.mean(x, axis=axes)
     var = jnp.mean(jnp.square(x - mean), axis=axes)
     return mean, var
@@ -159,13 +163,16 @@ def batch_norm_train(
     Returns:
       ``(N, ..., C)``: ``y = scale (x - mu) / sqrt(var + epsilon) + bias``, with ``mu`` and
       the biased ``var`` per channel over every axis but the last (:func:`batch_moments`).
+      A bfloat16 / float16 ``x`` is normalized in float32 and ``y`` keeps its dtype
+      (promoted with ``scale`` and ``bias``), as Flax's ``BatchNorm``.
     """
     where = "batch_norm_train"
     _check_input(x, 2, "N, ..., C", where)
     _check_channel_vectors(x, where, scale=scale, bias=bias)
     epsilon = _positive(epsilon, "epsilon", where)
     mean, var = batch_moments(x)
-    return _affine((x - mean) * lax.rsqrt(var + epsilon), scale, bias)
+    y = _affine((upcast(x) - mean) * lax.rsqrt(var + epsilon), upcast(scale), upcast(bias))
+    return downcast(y, x, scale, bias)
 
 
 def batch_norm_eval(
@@ -187,15 +194,18 @@ def batch_norm_eval(
 
     Returns:
       ``(N, ..., C)``: ``y = x a + b`` with the folded per-channel ``a = scale /
-      sqrt(var + epsilon)``, ``b = bias - mean a`` (two FLOPs per element).
+      sqrt(var + epsilon)``, ``b = bias - mean a`` (two FLOPs per element). A bfloat16 /
+      float16 ``x`` is normalized in float32 and ``y`` keeps its dtype (promoted with
+      ``scale`` and ``bias``; the statistics, kept in float32, do not widen it).
     """
     where = "batch_norm_eval"
     _check_input(x, 1, "N, ..., C", where)
     _check_channel_vectors(x, where, mean=mean, var=var, scale=scale, bias=bias)
     epsilon = _positive(epsilon, "epsilon", where)
-    a = _affine(lax.rsqrt(var + epsilon), scale, None)
-    b = -mean * a if bias is None else bias - mean * a
-    return x * a + b
+    mean = upcast(mean)
+    a = _affine(lax.rsqrt(upcast(var) + epsilon), upcast(scale), None)
+    b = -mean * a if bias is None else upcast(bias) - mean * a
+    return downcast(upcast(x) * a + b, x, scale, bias)
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,24 +235,27 @@ def batch_norm_train_fwd(
     epsilon = _positive(epsilon, "epsilon", where)
     mean, var = batch_moments(x)
     rstd = lax.rsqrt(var + epsilon)
-    x_hat = (x - mean) * rstd
-    return _affine(x_hat, scale, bias), BatchNormTrainResiduals(x_hat, rstd, mean, var,
-                                                                scale, bias)
+    x_hat = (upcast(x) - mean) * rstd
+    y = downcast(_affine(x_hat, upcast(scale), upcast(bias)), x, scale, bias)
+    return y, BatchNormTrainResiduals(downcast(x_hat, x), rstd, mean, var, scale, bias)
 
 
 def affine_param_grads(x_hat: jax.Array, g: jax.Array, scale, bias):
     """``(dscale, dbias)``: ``sum(g x_hat)`` and ``sum(g)`` over every axis but the last,
-    ``(C,)`` each (``None`` for an absent one)."""
-    return _as(_leading_sum(g * x_hat), scale), _as(_leading_sum(g), bias)
+    ``(C,)`` each (``None`` for an absent one); summed in float32 for a low-precision
+    ``g``, returned in the dtype of ``scale`` / ``bias``."""
+    g = upcast(g)
+    return _as(_leading_sum(g * upcast(x_hat)), scale), _as(_leading_sum(g), bias)
 
 
 def batch_norm_train_input_grad(res: BatchNormTrainResiduals, g: jax.Array) -> jax.Array:
     """``dx = (scale / sigma) (g - mean(g) - x_hat mean(g x_hat))``: ``(N, ..., C)``."""
     n = math.prod(g.shape[:-1])
-    a = _affine(res.rstd, res.scale, None)
+    a = _affine(res.rstd, upcast(res.scale), None)
+    g, x_hat = upcast(g), upcast(res.x_hat)  # float32 sums for a low-precision g
     mean_g = _leading_sum(g) / n
-    mean_gx = _leading_sum(g * res.x_hat) / n
-    return (a * (g - mean_g - res.x_hat * mean_gx)).astype(res.x_hat.dtype)
+    mean_gx = _leading_sum(g * x_hat) / n
+    return (a * (g - mean_g - x_hat * mean_gx)).astype(res.x_hat.dtype)
 
 
 def batch_norm_train_bwd(res: BatchNormTrainResiduals, g: jax.Array):
@@ -270,7 +283,7 @@ def batch_norm_eval_fwd(
 ):
     """``(y, residuals)`` of :func:`batch_norm_eval`; ``y`` is ``(N, ..., C)``."""
     y = batch_norm_eval(x, mean, var, scale, bias, epsilon)
-    rstd = lax.rsqrt(var + _positive(epsilon, "epsilon", "batch_norm_eval"))
+    rstd = lax.rsqrt(upcast(var) + _positive(epsilon, "epsilon", "batch_norm_eval"))
     return y, BatchNormEvalResiduals(x, mean, rstd, var, scale, bias)
 
 
@@ -281,8 +294,9 @@ def batch_norm_eval_bwd(res: BatchNormEvalResiduals, g: jax.Array):
     ``dvar = -scale / (2 sigma^2) sum(g x_hat)``, ``dscale = sum(g x_hat)``,
     ``dbias = sum(g)``.
     """
-    a = _affine(res.rstd, res.scale, None)
-    x_hat = (res.x - res.mean) * res.rstd
+    a = _affine(res.rstd, upcast(res.scale), None)
+    x_hat = (upcast(res.x) - upcast(res.mean)) * res.rstd
+    g = upcast(g)
     sum_g = _leading_sum(g)
     sum_gx = _leading_sum(g * x_hat)
     dx = (g * a).astype(res.x.dtype)
@@ -313,15 +327,18 @@ def layer_norm(
     Returns:
       ``(..., C)``: ``y = scale (x - mu) / sqrt(var + epsilon) + bias``, ``mu`` and the
       biased ``var`` over the last axis (PyTorch's ``nn.LayerNorm(C)``, Flax's
-      ``LayerNorm``).
+      ``LayerNorm``). A bfloat16 / float16 ``x`` is normalized in float32 and ``y`` keeps
+      its dtype (promoted with ``scale`` and ``bias``), as Flax's ``LayerNorm``.
     """
     where = "layer_norm"
     _check_input(x, 1, "..., C", where)
     _check_channel_vectors(x, where, scale=scale, bias=bias)
     epsilon = _positive(epsilon, "epsilon", where)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return _affine((x - mean) * lax.rsqrt(var + epsilon), scale, bias)
+    x32 = upcast(x)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = _affine((x32 - mean) * lax.rsqrt(var + epsilon), upcast(scale), upcast(bias))
+    return downcast(y, x, scale, bias)
 
 
 class LayerNormResiduals(NamedTuple):
@@ -342,19 +359,22 @@ def layer_norm_fwd(
     _check_input(x, 1, "..., C", where)
     _check_channel_vectors(x, where, scale=scale, bias=bias)
     epsilon = _positive(epsilon, "epsilon", where)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x32 = upcast(x)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     rstd = lax.rsqrt(var + epsilon)
-    x_hat = (x - mean) * rstd
-    return _affine(x_hat, scale, bias), LayerNormResiduals(x_hat, rstd, scale, bias)
+    x_hat = (x32 - mean) * rstd
+    y = downcast(_affine(x_hat, upcast(scale), upcast(bias)), x, scale, bias)
+    return y, LayerNormResiduals(downcast(x_hat, x), rstd, scale, bias)
 
 
 def layer_norm_input_grad(res: LayerNormResiduals, g: jax.Array) -> jax.Array:
     """``dx = (gs - mean(gs) - x_hat mean(gs x_hat)) / sigma``, ``gs = g scale``: ``(..., C)``."""
-    gs = _affine(g, res.scale, None)
+    gs = _affine(upcast(g), upcast(res.scale), None)  # float32 for a low-precision g
+    x_hat = upcast(res.x_hat)
     mean_gs = jnp.mean(gs, axis=-1, keepdims=True)
-    mean_gsx = jnp.mean(gs * res.x_hat, axis=-1, keepdims=True)
-    return (res.rstd * (gs - mean_gs - res.x_hat * mean_gsx)).astype(res.x_hat.dtype)
+    mean_gsx = jnp.mean(gs * x_hat, axis=-1, keepdims=True)
+    return (res.rstd * (gs - mean_gs - x_hat * mean_gsx)).astype(res.x_hat.dtype)
 
 
 def layer_norm_bwd(res: LayerNormResiduals, g: jax.Array):
@@ -617,10 +637,10 @@ class BatchNorm(_AffineNorm):
             grads = affine_param_grads(res.x_hat, g, res.scale, res.bias)
             dx = batch_norm_train_input_grad(res, g) if need_dx else None
             return dx, _affine_grads(*grads)
-        x_hat = (res.x - res.mean) * res.rstd
+        x_hat = (upcast(res.x) - upcast(res.mean)) * res.rstd
         grads = affine_param_grads(x_hat, g, res.scale, res.bias)
-        a = _affine(res.rstd, res.scale, None)
-        dx = (g * a).astype(res.x.dtype) if need_dx else None
+        a = _affine(res.rstd, upcast(res.scale), None)
+        dx = (upcast(g) * a).astype(res.x.dtype) if need_dx else None
         return dx, _affine_grads(*grads)
 
     # metadata: the evaluation count, see the class docstring

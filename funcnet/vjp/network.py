@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from funcnet import _checks
+from funcnet import precision as _precision
 from funcnet.nn import regularizers as vreg
 from funcnet.nn.base import Layer, rule_forward
 from funcnet.vjp.table import RULES
@@ -103,6 +104,8 @@ def value_and_grad_with_state(
     loss_fn: Callable[[jax.Array, Any], jax.Array],
     regularizer: Callable | None = None,
     lam: float = 0.0,
+    *,
+    precision: Any = None,
 ) -> Callable:
     """``f(params, state, x, y, key=None, train=True) -> (loss, grads, new_state, outputs)``.
 
@@ -113,12 +116,22 @@ def value_and_grad_with_state(
     ``outputs`` are the network's outputs from the same pass. With a ``regularizer``
     (``funcnet.regularizers.l2`` / ``l1``) ``lam * Omega`` is added to the loss and
     ``lam * grad Omega`` to the gradients. Pure and ``jit``-compatible.
+
+    ``precision`` (:mod:`funcnet.precision`: ``"bfloat16"``, ``"float16"``, a
+    ``Policy``; ``None`` off): the parameters and a floating ``x`` are cast to the
+    compute dtype and every layer's ``fwd`` and ``bwd`` run in it; the outputs are cast
+    to the output dtype (float32) for the loss and its rule, whose ``delta`` (times the
+    loss scale) goes back in the compute dtype; ``grads`` come back in the parameters'
+    dtypes, unscaled, and ``new_state`` in the dtypes of ``state``.
     """
     where = "vjp.value_and_grad_with_state"
     net = _as_network(net, where)
     _checks.check_loss_fn(loss_fn, where, "loss_fn")
     _check_regularizer(regularizer, where)
     _checks.check_lam(regularizer, lam, where)
+    policy = _precision.get_policy(precision, where)
+    if policy is not None:
+        return _mixed_value_and_grad_with_state(net, loss_fn, regularizer, lam, policy)
 
     def f(params, state, x, y, key=None, train=True):
         out, new_state, res = rule_forward(net, params, state, x, key=key, train=train)  # 1.
@@ -133,12 +146,34 @@ def value_and_grad_with_state(
     return f
 
 
+def _mixed_value_and_grad_with_state(net, loss_fn, regularizer, lam, policy):
+    """:func:`value_and_grad_with_state` under a mixed-precision ``policy``."""
+
+    def f(params, state, x, y, key=None, train=True):
+        cparams, x = policy.cast_to_compute(params), policy.cast_to_compute(x)
+        out, new_state, res = rule_forward(net, cparams, state, x, key=key, train=train)
+        out32 = policy.cast_to_output(out)
+        loss, delta = _loss_value_and_delta(loss_fn, out32, y)  # 2. in float32
+        delta = policy.scale(delta).astype(out.dtype)  # back into the compute dtype
+        _, grads = net.bwd(res, delta, False)
+        grads = policy.unscale(grads, params)
+        if regularizer is not None:  # on the float32 parameters, unscaled
+            loss = loss + lam * regularizer(params)
+            reg = vreg.GRADS[regularizer](params)
+            grads = jax.tree_util.tree_map(lambda d, r: d + lam * r, grads, reg)
+        return loss, grads, _precision.keep_dtypes(new_state, state), out32
+
+    return f
+
+
 def value_and_grad(
     net: Layer,
     loss_fn: Callable[[jax.Array, Any], jax.Array],
     regularizer: Callable | None = None,
     lam: float = 0.0,
     return_outputs: bool = False,
+    *,
+    precision: Any = None,
 ) -> Callable:
     """``f(params, x, y) -> (loss, grads)`` by explicit back-propagation with the hand rules.
 
@@ -149,14 +184,16 @@ def value_and_grad(
     :func:`funcnet.losses.softmax_cross_entropy`). With a ``regularizer``
     (``funcnet.regularizers.l2`` / ``l1``) the objective is ``loss + lam * Omega(params)``
     and ``lam * grad Omega`` is added to the gradients. Pure and ``jit``-compatible. With
-    ``return_outputs=True``, ``f`` returns ``(loss, grads, outputs)``.
+    ``return_outputs=True``, ``f`` returns ``(loss, grads, outputs)``. ``precision``:
+    mixed precision, as in :func:`value_and_grad_with_state`.
     """
     where = "vjp.value_and_grad"
     net = _as_network(net, where)
     _checks.check_loss_fn(loss_fn, where, "loss_fn")
     _check_regularizer(regularizer, where)
     _checks.check_lam(regularizer, lam, where)
-    inner = value_and_grad_with_state(net, loss_fn, regularizer, lam)
+    _precision.get_policy(precision, where)  # a bad value fails here, naming this function
+    inner = value_and_grad_with_state(net, loss_fn, regularizer, lam, precision=precision)
 
     def f(params, x, y):
         x = net.check_input(x)
