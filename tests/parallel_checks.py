@@ -156,6 +156,22 @@ def main():
         })
     out["fit"] = fits
 
+    # -- fit on a batch source on 4 devices == fit on arrays on one device (batches of
+    # 30: 30, 30, 8, the last at its true size for BatchNorm) ---------------------------
+    LABEL[0] = "fit stream"
+    log.messages.clear()
+    with jax.log_compiles(True):
+        streamed = train.fit(net, params, fn.data.ArrayBatches(x, y, 30, seed=1),
+                             devices="all", epochs=3, grad="autodiff", optimizer=opt,
+                             progress=False, seed=1)
+    one = reference["autodiff", 30, "loop"]
+    out["stream"] = {
+        "state": mismatch(streamed.state, one.state),
+        "history": mismatch(streamed.history["loss"], one.history["loss"]),
+        "params_replicated": bool(streamed.params[1]["w"].sharding.is_fully_replicated),
+        "batch": SEEN.get("fit stream"), "compilations": log.count("step"),
+    }
+
     out["sharded_input"] = {  # the first fit's
         "x_shards": [list(s.data.shape) for s in xs.addressable_shards],
         "copied_to_host": [list(s) for s in to_host if s and s[0] == n],

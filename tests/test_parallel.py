@@ -96,6 +96,16 @@ def test_fit_on_four_devices_gives_the_one_device_result(four, case):
     assert r["compilations"] == full
 
 
+def test_fit_on_a_batch_source_on_four_devices_gives_the_one_device_result(four):
+    r = four["stream"]
+    assert r["state"] is None, r["state"]
+    assert r["history"] is None, r["history"]
+    assert r["params_replicated"]
+    # 30 rows (split 8, 8, 8, 6) and the last batch of 8 at its true size (BatchNorm)
+    _sharded_batch(r["batch"], (30, 8))
+    assert r["compilations"] == 2
+
+
 def test_fit_keeps_sharded_data_on_the_devices(four):
     r = four["sharded_input"]
     assert r["x_shards"] == [[17, 6]] * 4  # shard_batch split the 68 rows
