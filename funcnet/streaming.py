@@ -54,6 +54,10 @@ def is_source(x: Any) -> bool:
 
 def check_source(source: Any, where: str) -> None:
     """A callable or a re-iterable; a one-shot iterator is refused with the fix."""
+    if isinstance(source, np.ndarray | jax.Array) or hasattr(source, "__array__"):
+        raise TypeError(f"{where}: y is missing: give the labels y with the arrays x, or a "
+                        f"batch source (x without y) whose batches are (x, y) pairs; got x "
+                        f"of shape {tuple(np.shape(source))} and no y")
     if callable(source):
         return
     if not isinstance(source, Iterable):
@@ -125,14 +129,15 @@ class StreamRunner:
                  exact_last: bool = False, where: str = "fit"):
         self.update, self.source, self.batch_size = update, source, int(batch_size)
         self.mesh, self.exact_last, self.where = mesh, exact_last, where
+        self._init = {"x_like": x_like, "y_like": y_like, "num_classes": num_classes,
+                      "integer_x": integer_x, "mesh": mesh, "exact_last": exact_last,
+                      "where": where}
         self.num_classes, self.integer_x = num_classes, integer_x
         self.x_tail, self.x_dtype = tuple(x_like.shape[1:]), np.dtype(x_like.dtype)
         self.y_tail, self.y_dtype = tuple(y_like.shape[1:]), np.dtype(y_like.dtype)
         self.w_dtype = self.x_dtype if np.issubdtype(self.x_dtype, np.floating) else np.float32
         self.num_batches = num_batches(source)
         self.processes = jax.process_count() if mesh is not None else 1
-        self.last = 0  # fit's replay looks at it; every size is handled here
-        self.shuffle = True
 
         def step(state, x, y, w, active, n):
             # n: the rows without the transport padding to a multiple of the devices
@@ -144,14 +149,7 @@ class StreamRunner:
 
     def with_update(self, update: Callable) -> StreamRunner:
         """The same source and batching with another step body (fit's full-guard replay)."""
-        other = object.__new__(StreamRunner)
-        other.__dict__.update(self.__dict__)
-        StreamRunner.__init__(other, update, self.source, self.batch_size,
-                              x_like=np.zeros((0, *self.x_tail), self.x_dtype),
-                              y_like=np.zeros((0, *self.y_tail), self.y_dtype),
-                              num_classes=self.num_classes, integer_x=self.integer_x,
-                              mesh=self.mesh, exact_last=self.exact_last, where=self.where)
-        return other
+        return StreamRunner(update, self.source, self.batch_size, **self._init)
 
     # -- one batch ------------------------------------------------------------------------
 

@@ -1322,6 +1322,8 @@ def fit(
     augmentation. The source sets the batch size (its first batch's rows); each batch is
     checked as it arrives (an error names the epoch and the batch), a short batch is
     padded with weight-0 rows (true size with BatchNorm), and the epoch runs as a loop.
+    The source orders its own batches: ``shuffle`` applies to arrays only, and ``seed``
+    then sets Dropout's keys (give ``ArrayBatches`` the same seed to shuffle as ``fit``).
 
     Several processes (``jax.distributed.initialize``, ``devices="all"`` or a mesh over
     every process's devices): every process calls ``fit`` with the same arguments and
@@ -1466,6 +1468,7 @@ def fit(
             source = _data.ArrayBatches(
                 x_np, y_np, min(batch_size, x_np.shape[0]), shuffle=shuffle, seed=seed,
                 drop_remainder=False, process=(jax.process_index(), jax.process_count()))
+            mode = "loop"
     out_shape = _output_shape(net, x_np, where)
     if state is None:
         _check_leaves(params, "params", where)

@@ -290,6 +290,8 @@ def test_fit_refuses_bad_sources(xy):
     net = mlp()
     with pytest.raises(TypeError, match="one-shot iterator"):
         fit(net, iter([(x, y)]))
+    with pytest.raises(TypeError, match=r"y is missing: .* got x of shape \(75, 6, 6, 1\)"):
+        fit(net, x)
     with pytest.raises(TypeError, match="x is a batch source"):
         fit(net, data.ArrayBatches(x, y, BS), y)
     with pytest.raises(ValueError, match="epoch_mode='scan' needs the data set as arrays"):
