@@ -127,6 +127,17 @@ def check_x_dtype(dtype: Any, integer_x: bool, where: str, name: str = "x") -> N
         )
 
 
+def check_examples(x_shape: tuple, y_shape: tuple, where: str) -> None:
+    """``x`` and ``y`` have the same number of examples (first axis), and at least one."""
+    x_shape, y_shape = tuple(x_shape), tuple(y_shape)
+    if x_shape[0] != y_shape[0]:
+        raise ValueError(f"{where}: x and y must have the same number of examples, got "
+                         f"{x_shape[0]} (x shape {x_shape}) and {y_shape[0]} (y shape "
+                         f"{y_shape})")
+    if x_shape[0] == 0:
+        raise ValueError(f"{where}: the data set is empty (x shape {x_shape})")
+
+
 def check_dataset(
     x: Any, y: Any, num_classes: int | None = None, where: str = "data",
     integer_x: bool = False,
@@ -144,13 +155,7 @@ def check_dataset(
         raise ValueError(
             f"{where}: x and y must be batched arrays (N, ...), got shapes {x.shape} and {y.shape}"
         )
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"{where}: x and y must have the same number of examples, got {x.shape[0]} "
-            f"(x shape {x.shape}) and {y.shape[0]} (y shape {y.shape})"
-        )
-    if x.shape[0] == 0:
-        raise ValueError(f"{where}: the data set is empty (x shape {x.shape})")
+    check_examples(x.shape, y.shape, where)
     check_x_dtype(x.dtype, integer_x, where)
     if not integer_x and not np.all(np.isfinite(x)):
         bad = int(np.argwhere(~np.isfinite(x.reshape(x.shape[0], -1)))[0, 0])
@@ -533,12 +538,7 @@ class ArrayBatches:
                 raise TypeError(f"{where}: {name} must be an array with a first (example) "
                                 f"axis, e.g. a numpy array or np.load(path, mmap_mode='r'), "
                                 f"got {type(a).__name__}")
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"{where}: x and y must have the same number of examples, got "
-                             f"{x.shape[0]} (x shape {x.shape}) and {y.shape[0]} (y shape "
-                             f"{y.shape})")
-        if x.shape[0] == 0:
-            raise ValueError(f"{where}: the data set is empty (x shape {x.shape})")
+        check_examples(x.shape, y.shape, where)
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
                 or batch_size < 1:
             raise ValueError(f"{where}: batch_size must be a positive int, got {batch_size!r}")

@@ -175,12 +175,7 @@ def check_dataset_on_device(x: jax.Array, y: Any, num_classes: int | None, where
     if x.ndim < 1 or y.ndim < 1:
         raise ValueError(f"{where}: x and y must be batched arrays (N, ...), got shapes "
                          f"{x.shape} and {y.shape}")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"{where}: x and y must have the same number of examples, got "
-                         f"{x.shape[0]} (x shape {x.shape}) and {y.shape[0]} (y shape "
-                         f"{y.shape})")
-    if x.shape[0] == 0:
-        raise ValueError(f"{where}: the data set is empty (x shape {x.shape})")
+    _data.check_examples(x.shape, y.shape, where)
     _data.check_x_dtype(x.dtype, integer_x, where)
     if not integer_x:
         finite, first_bad = jax.device_get(_finite_rows(x))
