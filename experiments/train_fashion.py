@@ -16,10 +16,10 @@ Models:
   BatchNorm after every convolution, global average pooling; AdamW (weight decay 5e-2),
   batch 128, 12 epochs, the hand-written rules (``grad="manual"``).
 - ``vit``: a small ViT (139,018 parameters): 4x4 patches, width 64, 4 encoder blocks of
-  4 heads, MLP 128; AdamW lr 1e-3 (weight decay 5e-2), batch 128, hand rules, 20 epochs
+  4 heads, MLP 128; AdamW lr 1e-3 (weight decay 5e-2), batch 128, hand rules, 30 epochs
   with random augmentation (``--augment``: every batch drawn afresh, each image mirrored
-  with probability 1/2 and shifted by up to 2 pixels; ``fit`` streams the batches from a
-  ``data.ArrayBatches`` source).
+  with probability 1/2 and shifted by up to ``--max-shift`` 1 pixel; ``fit`` streams the
+  batches from a ``data.ArrayBatches`` source).
 
 ``--flip`` instead adds a fixed mirrored copy of every image (120,000 images per epoch).
 """
@@ -27,6 +27,7 @@ Models:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -43,13 +44,13 @@ from train_digits import build_optimizer, save_curves, write_json
 
 DEFAULTS = {
     "lenet5": {"epochs": 10, "batch_size": 128, "lr": 3e-3, "weight_decay": 1e-4,
-               "grad": "autodiff", "flip": False, "augment": False},
+               "grad": "autodiff", "flip": False, "augment": False, "max_shift": 2},
     "resnet": {"epochs": 12, "batch_size": 128, "lr": 3e-3, "weight_decay": 5e-2,
-               "grad": "manual", "flip": False, "augment": False},
-    "vit": {"epochs": 20, "batch_size": 128, "lr": 1e-3, "weight_decay": 5e-2,
-            "grad": "manual", "flip": False, "augment": True},
+               "grad": "manual", "flip": False, "augment": False, "max_shift": 2},
+    "vit": {"epochs": 30, "batch_size": 128, "lr": 1e-3, "weight_decay": 5e-2,
+            "grad": "manual", "flip": False, "augment": True, "max_shift": 1},
 }
-#: ``--augment``: the largest random shift, in pixels, along each axis.
+#: ``--augment``'s default largest random shift, in pixels, along each axis.
 MAX_SHIFT = 2
 
 
@@ -124,6 +125,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="random mirroring and shifts of up to 2 pixels, drawn afresh "
                              "for every batch (default: per model)")
+    parser.add_argument("--max-shift", type=int, default=None,
+                        help="--augment's largest shift in pixels (default: per model)")
     parser.add_argument("--seed", type=int, default=0, help="init, shuffling and dropout")
     parser.add_argument("--data", default=None, help=f"default: {data.FASHION_MNIST_DIR}")
     parser.add_argument("--out", default=None, help="default: runs/fashion-<model>")
@@ -146,14 +149,16 @@ def main(argv=None) -> dict:
     train_data = (split.x_train, split.y_train)
     if cfg["augment"]:  # a batch source: fit streams it, each epoch's batches drawn afresh
         train_data = (data.ArrayBatches(split.x_train, split.y_train, cfg["batch_size"],
-                                        seed=args.seed, transform=augment),)
+                                        seed=args.seed,
+                                        transform=functools.partial(
+                                            augment, max_shift=cfg["max_shift"])),)
     steps_per_epoch = -(-len(split.x_train) // cfg["batch_size"])
     optimizer, regularizer, lam = build_optimizer(
         "adamw", cfg["lr"], cfg["weight_decay"], cfg["epochs"] * steps_per_epoch
     )
     mirrored = " (half of them mirrored copies)" if cfg["flip"] else ""
     if cfg["augment"]:
-        mirrored += f" (randomly mirrored and shifted by up to {MAX_SHIFT} pixels)"
+        mirrored += f" (randomly mirrored and shifted by up to {cfg['max_shift']} pixels)"
     print(f"fashion-mnist: {len(split.x_train)} train{mirrored} / {len(split.x_test)} test images "
           f"{input_shape}; model {args.model} ({fn.param_count(net, input_shape):,} "
           f"parameters); adamw lr {cfg['lr']} weight decay {cfg['weight_decay']}, "
