@@ -7,7 +7,8 @@ host arrays never starts a jax backend to ask for the process count.)
 
 Each test starts tests/multiprocess_checks.py twice (one scenario, process 0 and 1) and
 asserts on the JSON / npz files they write. A new scenario is a function registered
-there plus a test here calling :func:`run_scenario`.
+there plus a test here calling :func:`run_scenario`. Those tests are in the slow tier
+(``-m slow``, which CI runs): each starts two JAX processes.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def _temporaries(outdir) -> list[str]:
     return [n for n in os.listdir(outdir) if n.startswith(".") or n.endswith(".tmp")]
 
 
+@pytest.mark.slow  # two JAX processes each: the slow tier, which CI runs
 def test_a_jitted_sum_spans_both_processes(tmp_path):
     results = run_scenario("psum", tmp_path)
     for pid, r in enumerate(results):
@@ -107,6 +109,7 @@ def test_a_jitted_sum_spans_both_processes(tmp_path):
         assert r["sum"] == r["expected"] == float(sum(i * i for i in range(1, 9)))
 
 
+@pytest.mark.slow  # two JAX processes each: the slow tier, which CI runs
 def test_checkpoint_of_state_spread_over_two_processes(tmp_path):
     results = run_scenario("checkpoint", tmp_path)
     names = ["['batch']", "['key']", "['keys']", "['params']['dense']['b']",
@@ -150,6 +153,7 @@ def test_checkpoint_of_state_spread_over_two_processes(tmp_path):
     assert int(restored["step"]) == 7
 
 
+@pytest.mark.slow  # two JAX processes each: the slow tier, which CI runs
 def test_a_failed_write_on_process_zero_fails_every_process(tmp_path):
     first, second = run_scenario("save_error", tmp_path)
     # process 0 raised its own error, process 1 did not wait forever but raised as well
@@ -186,6 +190,7 @@ def test_saving_host_arrays_alone_does_not_start_jax(tmp_path):
     assert proc.stdout.strip() == "False"
 
 
+@pytest.mark.slow  # two JAX processes each: the slow tier, which CI runs
 def test_fit_over_two_processes_is_the_one_process_fit(tmp_path):
     """Data-parallel fit over 2 processes x 2 devices (arrays, and a memory-mapped stream
     that each process reads its part of) trains as one process does, and the checkpoint
