@@ -23,9 +23,10 @@ float16 has a narrow exponent range: small gradients underflow to 0. The policy'
 loss before the backward pass and divides the float32 gradients after it; a step whose
 scaled gradient overflows (inf / NaN) is not applied (see :func:`funcnet.train.make_step`).
 
-``make_step(..., precision=...)`` takes ``None`` (off: everything in the parameters'
-dtype, the default), ``"bfloat16"`` / ``"bf16"``, ``"float16"`` / ``"fp16"``, a floating
-dtype such as ``jnp.bfloat16``, or a :class:`Policy`.
+:func:`~funcnet.train.make_step` and :func:`~funcnet.train.fit` take ``precision=``:
+``None`` (off: everything in the parameters' dtype, the default), ``"bfloat16"`` /
+``"bf16"``, ``"float16"`` / ``"fp16"``, a floating dtype such as ``jnp.bfloat16``, or a
+:class:`Policy`.
 """
 
 from __future__ import annotations
