@@ -38,8 +38,8 @@ GRID = [
     ((9, 7, 1), (2, 3, 2), 3, 1, 1),
     ((8, 8, 2), (3, 3, 2), 1, "SAME", 2),
     ((9, 9, 2), (2, 2, 3), (3, 2), ((2, 0), (1, 3)), (2, 1)),
-    ((7, 7, 1), (5, 5, 3), 1, "SAME", 1),  # LeNet's first layer: the shifted-MAC path
-    ((9, 8, 2), (6, 5, 2), 1, 2, 1),  # > 25 taps: the transposed-correlation input grad
+    ((7, 7, 1), (5, 5, 3), 1, "SAME", 1),  # LeNet's first layer: the banded forward
+    ((9, 8, 2), (6, 5, 2), 1, 2, 1),  # 2 input channels, 30 taps: the banded input grad
 ]
 IDS = [f"in{i}-k{k}-s{s}-p{p}-d{d}".replace(" ", "") for i, k, s, p, d in GRID]
 

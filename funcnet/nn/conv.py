@@ -16,11 +16,21 @@ The backward rules, for
   dilated by the stride; the output steps by the dilation);
 - bias gradient: ``db[o] = sum_{n,i,j} g[n,i,j,o]``.
 
-Each is one ``lax.conv_general_dilated`` with the right dimension numbers. A one-channel
-input (the first layer of an image network) is faster as ``KH * KW`` shifted
-multiply-adds, which XLA fuses into one loop; see ``BENCHMARKS.md``. A grouped
-convolution (``groups=G``) is ``G`` independent convolutions on channel slices: its rule
-applies the rule above to each group and concatenates.
+Each is one ``lax.conv_general_dilated`` with the right dimension numbers: the plain
+formulations. Beside them, for the shapes where XLA:CPU runs those badly (few input
+channels), exact second formulations of the same sums, chosen per shape by
+:func:`forward_path` and :func:`input_grad_path` (each says what was measured):
+
+- *banded matmul* (forward and input gradient): each kernel row placed at every output
+  column of a row makes a banded matrix ``B``; the correlation is then one matmul of
+  the input rows an output row reads with ``B``, and the input gradient one matmul of
+  ``g`` with ``B^T`` whose rows are added back in place;
+- *row by row* (input gradient): one matmul ``g w[k]^T`` per kernel row, its taps
+  shifted into place and added (the plain scatter of all taps,
+  :func:`input_grad_scatter`, decomposed into two 1-D steps).
+
+A grouped convolution (``groups=G``) is ``G`` independent convolutions on channel
+slices: its rule applies the rule above to each group and concatenates.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from funcnet import _checks
@@ -40,7 +51,6 @@ from funcnet.geometry import (
     make_geometry,
     pad_input,
     scatter_windows,
-    window_slices,
 )
 from funcnet.nn.base import (
     DEFAULT_B_INIT,
@@ -271,15 +281,93 @@ class Conv2dResiduals(NamedTuple):
     geom: Geometry  # static
 
 
-def _shifted_mac(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array:
-    """Forward of a one-input-channel conv as ``sum_{k,l} slice_{k,l}(xp) * w[k,l,0,:]``."""
+def forward_path(w_shape: tuple[int, ...], geom: Geometry) -> str:
+    """Which formulation :func:`conv2d_fwd` takes for this kernel and geometry.
+
+    - ``"banded"`` (:func:`forward_banded`) for an ungrouped convolution of a
+      one-channel input (the first layer of an image network). ``lax``'s convolution
+      does not reach XLA:CPU's fast kernels with one input channel (LeNet-5's conv1,
+      28x28x1 -> 28x28x6, 5x5, batch 128: 15 ms alone on 2 loaded cores, against 2.0 ms
+      banded). The 25 shifted multiply-adds used before are cheaper alone (1.0 ms) but
+      XLA fuses them into every consumer and recomputes them there: in the LeNet-5 step
+      the max-pool backward pass's search for each window's first maximum took 8.6 ms
+      of 25 ms with them, 0.9-1.2 ms reading the materialised banded product; the
+      whole step went from 28.6 to 23.4 ms (same run, medians of 12 rounds, the band
+      in one block).
+      Stride 1 only: a strided first layer reads fewer pixels per output and ``lax``
+      is faster alone (96x96x1 -> 48x48x32, 7x7, stride 2, batch 8: 1.2 ms against
+      2.4 banded; stride 1, 64x64x1 -> 16 channels, 3x3: 5.0 against 1.7).
+    - ``"lax"`` (``lax.conv_general_dilated``) otherwise: with a few input channels XLA
+      hands it to its fast path (LeNet-5's conv2: 0.3-1.1 ms in the step).
+    """
+    one_channel = w_shape[2] == 1 and geom.groups == 1
+    return "banded" if one_channel and geom.stride == (1, 1) else "lax"
+
+
+#: Output columns per block of the banded matmuls (see :func:`forward_banded`).
+BAND_BLOCK = 4
+
+
+def _blocks(geom: Geometry, block: int) -> tuple[int, int]:
+    """``(number of blocks, input columns one block reads)`` for ``block`` output columns."""
+    n_blocks = -(-geom.out_hw[1] // block)
+    span = (block - 1) * geom.stride[1] + (geom.window[1] - 1) * geom.dilation[1] + 1
+    return n_blocks, span
+
+
+def _band(geom: Geometry, block: int, dtype) -> jax.Array:
+    """``S[q, j, l] = 1`` where column ``q`` of a block is tap ``l`` of its output column ``j``."""
+    _, span = _blocks(geom, block)
+    q = np.arange(span)[:, None, None]
+    j = np.arange(block)[None, :, None]
+    l = np.arange(geom.window[1])[None, None, :]
+    return jnp.asarray(q == j * geom.stride[1] + l * geom.dilation[1], dtype)
+
+
+def _banded_kernel(w: jax.Array, geom: Geometry, block: int) -> jax.Array:
+    """``B[(k, q, c), (j, o)] = w[k, l, c, o]`` where ``q = j s + l d``, else 0."""
+    kh, _, c, o = w.shape
+    band = jnp.einsum("qjl,klco->kqcjo", _band(geom, block, w.dtype), w)
+    return band.reshape(kh * band.shape[1] * c, block * o)
+
+
+def _kernel_rows(x: jax.Array, geom: Geometry, block: int) -> jax.Array:
+    """``r[n, i, b, (k, q, c)] = xp[n, i s + k d, b J s + q, c]``, ``(N, H_out, nb, KH span C)``.
+
+    The input pixels the ``J = block`` output columns of block ``b`` of output row ``i``
+    read: ``KH`` rows of ``span`` columns. Columns past the padded input are zeros; they
+    only feed output columns past ``W_out``, which are cropped.
+    """
+    n_blocks, span = _blocks(geom, block)
     xp = pad_input(x, geom)
-    kw = geom.window[1]
-    y = None
-    for i, part in enumerate(window_slices(xp, geom)):
-        term = part * w[i // kw, i % kw, 0]
-        y = term if y is None else y + term
-    return y
+    n, _, wp, c = xp.shape
+    need = (n_blocks - 1) * block * geom.stride[1] + span
+    if need > wp:
+        xp = jnp.pad(xp, ((0, 0), (0, 0), (0, need - wp), (0, 0)))
+    (s0, s1), d0, oh = geom.stride, geom.dilation[0], geom.out_hw[0]
+    rows = []
+    for k in range(geom.window[0]):
+        row = xp[:, k * d0 : k * d0 + (oh - 1) * s0 + 1 : s0]
+        starts = range(0, n_blocks * block * s1, block * s1)
+        blocks = jnp.stack([row[:, :, q : q + span] for q in starts], axis=2)
+        rows.append(blocks.reshape(n, oh, n_blocks, span * c))
+    return jnp.concatenate(rows, axis=-1)
+
+
+def forward_banded(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array:
+    """The correlation as one matmul of input rows with a banded kernel matrix (no bias).
+
+    Output columns go in blocks of ``J =`` :data:`BAND_BLOCK`: ``y[n, i, (b, j), o] =
+    sum_p r[n, i, b, p] B[p, (j, o)]``, ``r`` the input pixels block ``b`` of output row
+    ``i`` reads (:func:`_kernel_rows`) and ``B`` each kernel row placed at each of the
+    ``J`` columns (:func:`_banded_kernel`; the same for every block). Exact: the zeros
+    of ``B`` add exact zeros. Blocks keep that zero padding small whatever the image
+    width (LeNet-5's conv1 alone: 0.8 ms in blocks of 4 columns, 1.8 ms in one block of
+    28; in the whole step the two are alike).
+    """
+    o, (oh, ow), block = w.shape[3], geom.out_hw, BAND_BLOCK
+    y = _kernel_rows(x, geom, block) @ _banded_kernel(w, geom, block)
+    return y.reshape(x.shape[0], oh, -1, o)[:, :, :ow]
 
 
 def conv2d_fwd(
@@ -296,8 +384,8 @@ def conv2d_fwd(
     stride, dilation, pads = check_conv2d(x, w, b, stride, padding, dilation, groups)
     x, w = _promote(x, w)
     geom = make_geometry(x.shape[1:3], w.shape[:2], stride, dilation, pads, groups)
-    if x.shape[3] == 1:  # one input channel: shifted multiply-adds beat lax here
-        y = _shifted_mac(x, w, geom)
+    if forward_path(w.shape, geom) == "banded":
+        y = forward_banded(x, w, geom)
         y = y if b is None else y + b
     else:
         y = conv2d(x, w, b, stride, pads, dilation, groups)
@@ -315,30 +403,90 @@ def _groups(res: Conv2dResiduals, g: jax.Array):
         yield Conv2dResiduals(xi, wi, None, geom), g[..., i * c_out : (i + 1) * c_out]
 
 
-#: Kernels with at most this many taps take the matmul + scatter input gradient.
-SCATTER_MAX_TAPS = 25
+def input_grad_path(w_shape: tuple[int, ...], geom: Geometry) -> str:
+    """Which formulation :func:`conv2d_input_grad` takes for this (ungrouped) kernel.
+
+    Measured on 2 loaded cores (load 2.8-4), medians, ``experiments/bench_rules.py``:
+
+    - ``"correlation"`` (:func:`input_grad_correlation`, the plain rule) from
+      :data:`FEW_CHANNELS` input channels on: as fast as the others at 8 channels
+      (7x7, stride 2: 7.6 ms against 7.5 row by row) and much faster with more (3x3,
+      32 channels, 32x32, batch 32: 8.1 against 37 row by row; 5x5, 64 channels: 9.7
+      against 18.9).
+    - with fewer input channels a convolution with so few output features runs badly on
+      XLA:CPU; matmuls that contract ``C_out`` do better:
+
+      - ``"banded"`` (:func:`input_grad_banded`) when the output is at most
+        ``2 KW`` columns wide, so that the banded matrix is at most about half zeros.
+        LeNet-5's conv2 (14x14x6 <- 10x10x16, 5x5, batch 128), in the whole training
+        step: 18.8 ms against 24.3 for the row-by-row form; alone 2.9 ms against 3.7
+        (row-by-row), 7.1 (one matmul + 2-D scatter) and 8.5 (correlation). In the step
+        its result is the output of a matmul, which XLA materialises; the shifts and
+        adds of the other forms are fused into the max-pool backward pass below and
+        recomputed for each of the pool window's pixels.
+      - ``"rows"`` (:func:`input_grad_rows`) for wider outputs, where the band would be
+        mostly zeros (32x32x3, 3x3: 2.1 ms against 4.5 banded, 4.5 correlation; 64x64x4,
+        5x5: 7.4 against 18 and 12).
+    """
+    _, kw, c_in, _ = w_shape
+    if c_in >= FEW_CHANNELS:
+        return "correlation"
+    return "banded" if geom.out_hw[1] <= 2 * kw else "rows"
+
+
+#: Inputs with fewer channels than this take a matmul form of the input gradient.
+FEW_CHANNELS = 8
 
 
 def conv2d_input_grad(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
-    """``dL/dx``, ``(N, H, W, C_in)``; the faster of two exact formulations per shape."""
+    """``dL/dx``, ``(N, H, W, C_in)``; the formulation :func:`input_grad_path` picks."""
     if res.geom.groups > 1:
         return jnp.concatenate([conv2d_input_grad(r, gi) for r, gi in _groups(res, g)], axis=3)
-    if res.geom.window[0] * res.geom.window[1] <= SCATTER_MAX_TAPS:
-        return input_grad_scatter(res, g)
-    return input_grad_correlation(res, g)
+    return INPUT_GRADS[input_grad_path(res.w.shape, res.geom)](res, g)
 
 
 def input_grad_scatter(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
     """``dL/dx`` as one matmul ``g w[k,l]^T`` for all taps, scattered back per tap.
 
-    ``dxp[n, i s + k d, j s + l d, c] += sum_o g[n,i,j,o] w[k,l,c,o]``. On XLA:CPU this
-    beats the transposed convolution for small kernels (LeNet: 2.0 vs 4.4 ms).
+    ``dxp[n, i s + k d, j s + l d, c] += sum_o g[n,i,j,o] w[k,l,c,o]``. The plain form
+    of :func:`input_grad_rows` (same sums, one 2-D scatter of all ``KH KW`` taps).
     """
     geom = res.geom
     kh, kw, c_in, c_out = res.w.shape
     taps = jnp.einsum("nijo,pco->nijpc", g, res.w.reshape(kh * kw, c_in, c_out))
     parts = [taps[:, :, :, p] for p in range(kh * kw)]
     return crop_input(scatter_windows(parts, geom), geom)
+
+
+def _place(part: jax.Array, axis: int, start: int, stride: int, size: int) -> jax.Array:
+    """``part`` written at positions ``start + i * stride`` of an axis of length ``size``."""
+    config = [(0, 0, 0)] * 4
+    config[axis] = (start, size - start - (part.shape[axis] - 1) * stride - 1, stride - 1)
+    return lax.pad(part, jnp.zeros((), part.dtype), config)
+
+
+def input_grad_rows(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
+    """``dL/dx`` of :func:`input_grad_scatter`, summed one kernel row at a time.
+
+    For each kernel row ``k``: ``t[n,i,j,l,c] = sum_o g[n,i,j,o] w[k,l,c,o]`` (one
+    matmul), its taps placed along W at columns ``j s + l d`` and summed, the row placed
+    along H at rows ``i s + k d``. The same products and sums as the scatter, but each
+    matmul result is ``KH`` times smaller and each add is a 1-D shift of it, which
+    XLA:CPU fuses into one pass over cache-sized arrays.
+    """
+    geom = res.geom
+    (s0, s1), (d0, d1) = geom.stride, geom.dilation
+    hp, wp = geom.padded_hw
+    dxp = None
+    for k in range(geom.window[0]):
+        t = jnp.einsum("nijo,lco->nijlc", g, res.w[k])
+        row = None
+        for l in range(geom.window[1]):
+            part = _place(t[:, :, :, l], 2, l * d1, s1, wp)
+            row = part if row is None else row + part
+        part = _place(row, 1, k * d0, s0, hp)
+        dxp = part if dxp is None else dxp + part
+    return crop_input(dxp, geom)
 
 
 def input_grad_correlation(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
@@ -366,9 +514,41 @@ def input_grad_correlation(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
     )
 
 
+def input_grad_banded(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
+    """``dL/dx`` through :func:`forward_banded`'s matmul, all columns in one block.
+
+    ``dr[n, i, (k, q, c)] = sum_{j, o} g[n, i, j, o] B[(k, q, c), (j, o)]`` is the gradient
+    of the input rows output row ``i`` read (``B`` for ``J = W_out``, so that the blocks
+    do not overlap); row ``k`` of it goes back to padded input row ``i s + k d``.
+    """
+    geom = res.geom
+    kh, _, c, _ = res.w.shape
+    n, oh, ow, o = g.shape
+    hp, wp = geom.padded_hw
+    _, span = _blocks(geom, ow)
+    d_rows = g.reshape(n, oh, ow * o) @ _banded_kernel(res.w, geom, ow).T
+    d_rows = jnp.pad(d_rows.reshape(n, oh, kh, span, c),
+                     ((0, 0), (0, 0), (0, 0), (0, wp - span), (0, 0)))
+    dxp = None
+    for k in range(kh):
+        part = _place(d_rows[:, :, k], 1, k * geom.dilation[0], geom.stride[0], hp)
+        dxp = part if dxp is None else dxp + part
+    return crop_input(dxp, geom)
+
+
+#: The exact formulations of the input gradient, by the names :func:`input_grad_path` gives.
+INPUT_GRADS = {
+    "rows": input_grad_rows,
+    "scatter": input_grad_scatter,
+    "correlation": input_grad_correlation,
+    "banded": input_grad_banded,
+}
+
+
 def conv2d_kernel_grad(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
     """``dL/dw``, ``(KH, KW, C_in, C_out)``: correlation of the input with ``g``."""
-    # (im2col + einsum measured 1.5-4x slower on XLA:CPU for LeNet's shapes.)
+    # im2col + einsum measured 1.5-4x slower on XLA:CPU for LeNet's shapes, and the
+    # banded matmul of forward_banded (dB = r^T g) no faster in the LeNet-5 step.
     if res.geom.groups > 1:
         return jnp.concatenate([conv2d_kernel_grad(r, gi) for r, gi in _groups(res, g)], axis=3)
     geom = res.geom

@@ -1,0 +1,141 @@
+"""The conv rules' second formulations (banded matmul, row by row) == lax, in float64.
+
+``forward_path`` / ``input_grad_path`` choose a formulation per shape; every formulation
+is exact for every geometry, so each is checked on a grid that crosses the selection
+rules' boundaries, and the rules themselves are pinned.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from funcnet import gradcheck, ops
+from funcnet.nn import conv as vconv
+
+TOL = 1e-12  # relative (per array), float64: only the summation order differs
+
+
+def _case(seed, in_shape, k_shape, stride, padding, dilation):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((2, *in_shape)))
+    w = jnp.asarray(rng.standard_normal((k_shape[0], k_shape[1], in_shape[2], k_shape[2])))
+    y, res = vconv.conv2d_fwd(x, w, None, stride, padding, dilation)
+    g = jnp.asarray(rng.standard_normal(y.shape))
+
+    def ref(x, w):
+        return lax.conv_general_dilated(
+            x, w, res.geom.stride, res.geom.pads, rhs_dilation=res.geom.dilation,
+            dimension_numbers=vconv.DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST,
+        )
+
+    y_ref, vjp = jax.vjp(ref, x, w)
+    dx_ref, dw_ref = vjp(g)
+    return x, w, y, res, g, y_ref, dx_ref, dw_ref
+
+
+GRID = [
+    # (H, W, C_in), (KH, KW, C_out), stride, padding, dilation
+    ((7, 7, 1), (5, 5, 3), 1, "SAME", 1),  # LeNet's conv1 in small: banded forward
+    ((6, 9, 1), (2, 3, 2), (2, 3), ((2, 0), (1, 3)), (2, 1)),  # strided: lax; W_out=4
+    ((5, 11, 1), (3, 2, 2), 1, 1, (1, 2)),  # W_out=11: blocks of 4, the last one partial
+    ((7, 7, 6), (5, 5, 4), 1, "VALID", 1),  # LeNet's conv2 in small: banded input grad
+    ((6, 12, 3), (3, 3, 2), 1, "SAME", 1),  # wide output, few channels: row by row
+    ((8, 9, 2), (3, 2, 3), 2, "SAME", 2),  # strided and dilated, narrow: banded
+    ((6, 7, 8), (3, 3, 2), 1, 1, 1),  # 8 channels: the correlation
+]
+IDS = [f"in{i}-k{k}-s{s}-p{p}-d{d}".replace(" ", "") for i, k, s, p, d in GRID]
+
+
+@pytest.mark.parametrize("in_shape,k_shape,stride,padding,dilation", GRID, ids=IDS)
+def test_banded_forward_equals_lax(in_shape, k_shape, stride, padding, dilation):
+    with jax.enable_x64(True):
+        x, w, y, res, _, y_ref, _, _ = _case(0, in_shape, k_shape, stride, padding, dilation)
+        banded = vconv.forward_banded(x, w, res.geom)
+    assert banded.shape == y_ref.shape
+    assert gradcheck.relative_error(banded, y_ref) < TOL
+    assert gradcheck.relative_error(y, y_ref) < TOL  # the path conv2d_fwd chose
+
+
+@pytest.mark.parametrize("in_shape,k_shape,stride,padding,dilation", GRID, ids=IDS)
+@pytest.mark.parametrize("path", ["banded", "rows", "scatter", "correlation"])
+def test_every_input_gradient_formulation_equals_lax(in_shape, k_shape, stride, padding,
+                                                      dilation, path):
+    with jax.enable_x64(True):
+        _, _, _, res, g, _, dx_ref, _ = _case(1, in_shape, k_shape, stride, padding, dilation)
+        dx = vconv.INPUT_GRADS[path](res, g)
+    assert dx.shape == dx_ref.shape
+    assert gradcheck.relative_error(dx, dx_ref) < TOL
+
+
+@pytest.mark.parametrize("in_shape,k_shape,stride,padding,dilation", GRID, ids=IDS)
+def test_chosen_rule_equals_lax(in_shape, k_shape, stride, padding, dilation):
+    with jax.enable_x64(True):
+        _, _, _, res, g, _, dx_ref, dw_ref = _case(2, in_shape, k_shape, stride, padding,
+                                                   dilation)
+        dx, dw, _ = vconv.conv2d_bwd(res, g)
+    assert gradcheck.relative_error(dx, dx_ref) < TOL
+    assert gradcheck.relative_error(dw, dw_ref) < TOL
+
+
+def _geom(in_shape, k_shape, stride=1, padding="VALID", groups=1):
+    x_shape = (1, *in_shape)
+    stride, dilation, pads = vconv._conv_geometry(x_shape, k_shape[:2], stride, padding, 1,
+                                                  "test")
+    return vconv.make_geometry(in_shape[:2], k_shape[:2], stride, dilation, pads, groups)
+
+
+def test_forward_path_rule():
+    # one input channel, ungrouped, stride 1: banded; anything else: lax
+    assert vconv.forward_path((5, 5, 1, 6), _geom((28, 28, 1), (5, 5))) == "banded"
+    assert vconv.forward_path((5, 5, 2, 6), _geom((28, 28, 2), (5, 5))) == "lax"
+    assert vconv.forward_path((3, 3, 1, 4), _geom((8, 8, 4), (3, 3), groups=4)) == "lax"
+    assert vconv.forward_path((7, 7, 1, 8), _geom((32, 32, 1), (7, 7), 2, "SAME")) == "lax"
+    assert [vconv.forward_path((k[0], k[1], i[2], k[2]), _geom(i, k, s, p))
+            for i, k, s, p, _ in GRID] == ["banded", "lax", "banded"] + ["lax"] * 4
+
+
+def test_input_grad_path_rule():
+    lenet_conv2 = _geom((14, 14, 6), (5, 5))  # W_out 10 <= 2 * 5
+    assert vconv.input_grad_path((5, 5, 6, 16), lenet_conv2) == "banded"
+    assert vconv.input_grad_path((5, 5, 6, 16), _geom((15, 15, 6), (5, 5))) == "rows"
+    assert vconv.input_grad_path((3, 3, 7, 16), _geom((32, 32, 7), (3, 3), 1, "SAME")) == "rows"
+    assert vconv.input_grad_path((5, 5, 8, 16), lenet_conv2) == "correlation"
+    # the grid above crosses every side of the rule
+    paths = {vconv.input_grad_path((k[0], k[1], i[2], k[2]), _geom(i, k, s, p))
+             for i, k, s, p, _ in GRID}
+    assert paths == {"banded", "rows", "correlation"}
+
+
+def test_banded_forward_block_size_does_not_change_the_result(monkeypatch):
+    with jax.enable_x64(True):
+        x, w, _, res, _, y_ref, _, _ = _case(3, (5, 11, 1), (3, 2, 2), 1, 1, (1, 2))
+        results = []
+        for block in (1, 3, 4, 11, 16):
+            monkeypatch.setattr(vconv, "BAND_BLOCK", block)
+            results.append(vconv.forward_banded(x, w, res.geom))
+    for y in results:
+        assert gradcheck.relative_error(y, y_ref) < TOL
+
+
+def test_manual_conv_uses_the_fast_paths_under_jit_and_grad():
+    # The custom_vjp wrapper of conv2d with a one-channel input (banded forward) and a
+    # narrow few-channel one (banded input gradient), against autodiff of lax.
+    from funcnet import vjp
+
+    conv = vjp.manual(ops.conv2d)
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        x = jnp.asarray(rng.standard_normal((2, 9, 9, 1)))
+        w1 = jnp.asarray(rng.standard_normal((3, 3, 1, 3)))
+        w2 = jnp.asarray(rng.standard_normal((3, 3, 3, 2)))
+
+        def net(conv_fn, x, w1, w2):
+            return jnp.sum(jnp.tanh(conv_fn(jnp.tanh(conv_fn(x, w1, None, 1, "SAME")), w2,
+                                            None, 1, "VALID")) ** 2)
+
+        got = jax.jit(jax.grad(lambda *a: net(conv, *a), argnums=(0, 1, 2)))(x, w1, w2)
+        want = jax.grad(lambda *a: net(ops.conv2d, *a), argnums=(0, 1, 2))(x, w1, w2)
+    for a, b in zip(got, want, strict=True):
+        assert gradcheck.relative_error(a, b) < TOL
