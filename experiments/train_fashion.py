@@ -44,7 +44,7 @@ from train_digits import build_optimizer, save_curves, write_json
 
 DEFAULTS = {
     "lenet5": {"epochs": 10, "batch_size": 128, "lr": 3e-3, "weight_decay": 1e-4,
-               "grad": "autodiff", "flip": False, "augment": False, "max_shift": 2},
+               "grad": "auto", "flip": False, "augment": False, "max_shift": 2},
     "resnet": {"epochs": 12, "batch_size": 128, "lr": 3e-3, "weight_decay": 5e-2,
                "grad": "manual", "flip": False, "augment": False, "max_shift": 2},
     "vit": {"epochs": 30, "batch_size": 128, "lr": 1e-3, "weight_decay": 5e-2,
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--grad", choices=["autodiff", "manual"], default=None,
+    parser.add_argument("--grad", choices=["auto", "autodiff", "manual"], default=None,
                         help="jax.grad or the hand-written backward rules (default: per model)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="add a left-right mirrored copy of every training image "

@@ -94,3 +94,26 @@ def test_unknown_grad_mode_lists_the_valid_ones():
     net = fn.Serial([fn.Dense(2)])
     with pytest.raises(ValueError, match=r"grad must be one of \['autodiff', 'manual'\].*'symbolic'"):
         train.make_step(net, fn.losses.softmax_cross_entropy, optax.sgd(0.1), grad="symbolic")
+
+
+def test_default_grad_is_the_hand_rules_for_conv_nets_and_autodiff_otherwise():
+    """grad="auto" (the default): the same compiled step as grad="manual" for a network
+    with a convolution, as grad="autodiff" for a dense one (choose_grad says which)."""
+    conv = fn.Serial([fn.Conv(2, 3), fn.ReLU(), fn.Flatten(), fn.Dense(3)])
+    dense = fn.Serial([fn.Flatten(), fn.Dense(3)])
+    assert train.choose_grad(conv) == "manual" and train.choose_grad(dense) == "autodiff"
+    assert train.choose_grad(conv, "autodiff") == "autodiff"
+    x, y = jnp.ones((4, 5, 5, 1)), jnp.arange(4) % 3
+    for net, same in ((conv, "manual"), (dense, "autodiff")):
+        params = net.init(jax.random.key(0), (5, 5, 1))
+        state = train.init_state(params, optax.sgd(0.1))
+
+        def text(net=net, state=state, **kw):
+            step = train.make_step(net, fn.losses.softmax_cross_entropy, optax.sgd(0.1), **kw)
+            return step.lower(state, x, y).as_text()
+
+        default = text()
+        assert default == text(grad=same)
+        other = "autodiff" if same == "manual" else "manual"
+        if net is conv:
+            assert default != text(grad=other)
