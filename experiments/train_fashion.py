@@ -118,13 +118,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--grad", choices=["auto", "autodiff", "manual"], default=None,
-                        help="jax.grad or the hand-written backward rules (default: per model)")
+                        help="auto (the hand rules for conv nets), jax.grad or the hand-written "
+                             "backward rules (default: per model)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="add a left-right mirrored copy of every training image "
                              "(twice the steps per epoch; default: per model)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                        help="random mirroring and shifts of up to 2 pixels, drawn afresh "
-                             "for every batch (default: per model)")
+                        help="random mirroring and shifts of up to --max-shift pixels, drawn "
+                             "afresh for every batch (default: per model)")
     parser.add_argument("--max-shift", type=int, default=None,
                         help="--augment's largest shift in pixels (default: per model)")
     parser.add_argument("--seed", type=int, default=0, help="init, shuffling and dropout")
@@ -136,6 +137,8 @@ def main(argv=None) -> dict:
     for key in cfg:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    if cfg["max_shift"] < 0:
+        parser.error(f"--max-shift must be >= 0, got {cfg['max_shift']}")
     out = args.out or os.path.join("runs", f"fashion-{args.model}")
 
     t_start = time.perf_counter()

@@ -5,7 +5,7 @@ sub-modules ``fn.ops``, ``fn.losses``, ``fn.regularizers``, ``fn.models``, ``fn.
 ``fn.data``, ``fn.checkpoint``, ``fn.vjp`` (hand-written backward rules), ``fn.gradcheck``,
 ``fn.graph``, ``fn.export``, ``fn.onnx`` (needs the ``onnx`` extra when called),
 ``fn.cache``, ``fn.parallel`` (data parallelism over several devices) and
-``fn.precision`` (mixed precision for ``make_step``).
+``fn.precision`` (mixed precision for ``make_step`` and ``fit``).
 """
 
 from funcnet import (

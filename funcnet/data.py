@@ -25,6 +25,7 @@ import zipfile
 import zlib
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -518,7 +519,9 @@ class ArrayBatches:
 
     ``transform(x, y, rng) -> (x, y)`` is applied to every batch after it is read
     (conversion, augmentation), ``rng`` a ``numpy.random.Generator`` seeded by
-    ``(seed, epoch, batch index)``: reproducible augmentation.
+    ``(seed, epoch, batch index)`` and, with ``process=``, the process index (so the
+    processes draw different augmentations; a random ``transform`` then differs from one
+    process's run): reproducible augmentation.
 
     ``process=(index, count)``: data-parallel training over several processes
     (``jax.distributed``). Every process draws the same permutation and the same global
@@ -539,15 +542,18 @@ class ArrayBatches:
                                 f"axis, e.g. a numpy array or np.load(path, mmap_mode='r'), "
                                 f"got {type(a).__name__}")
         check_examples(x.shape, y.shape, where)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
-                or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"{where}: batch_size must be a positive int, got {batch_size!r}")
+        if batch_size < 1:
             raise ValueError(f"{where}: batch_size must be a positive int, got {batch_size!r}")
         for name, flag in (("shuffle", shuffle), ("drop_remainder", drop_remainder)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{where}: {name} must be a bool, got {type(flag).__name__} "
                                 f"{flag!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"{where}: seed must be a non-negative int, got {seed!r}")
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"{where}: seed must be a non-negative int below 2**32, got {seed}")
         if transform is not None and not callable(transform):
             raise TypeError(f"{where}: transform must be callable (x, y, rng) -> (x, y) or "
                             f"None, got {type(transform).__name__}")
@@ -570,8 +576,6 @@ class ArrayBatches:
             raise TypeError(f"ArrayBatches: epoch must be a non-negative int, got {epoch!r}")
         if not self.shuffle:
             return np.arange(self.n)
-        import jax
-
         key = jax.random.fold_in(jax.random.key(self.seed), int(epoch))
         return np.asarray(jax.random.permutation(key, self.n))
 
@@ -604,7 +608,8 @@ class ArrayBatches:
                     idx = np.concatenate([idx, np.zeros(local - idx.size, idx.dtype)])
             xb, yb = self._read(self.x, idx), self._read(self.y, idx)
             if self.transform is not None:
-                rng = np.random.default_rng([self.seed, epoch, b])
+                part = () if self.process is None else (self.process[0],)
+                rng = np.random.default_rng([self.seed, epoch, b, *part])
                 xb, yb = self.transform(xb, yb, rng)
             yield (xb, yb) if w is None else (xb, yb, w)
 
@@ -638,9 +643,7 @@ def mnist_batches(
                          f"got shape {x.shape} of {x.dtype}")
     y = check_labels(read_idx(labels_path), num_classes,
                      f"mnist_batches: labels file {os.fspath(labels_path)!r}")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"mnist_batches: {x.shape[0]} images but {y.shape[0]} labels; they "
-                         f"must match")
+    check_examples(x.shape, y.shape, "mnist_batches")
     if transform is not None and not callable(transform):
         raise TypeError(f"mnist_batches: transform must be callable (x, y, rng) -> (x, y) or "
                         f"None, got {type(transform).__name__}")

@@ -18,10 +18,15 @@ at its true size (another compiled step per distinct size), as :func:`fit` does 
 arrays. Numpy batches are checked on the host as :func:`funcnet.data.check_dataset`
 checks a data set (shape, dtype, finite values, labels in range), naming the epoch and
 the batch; batches already on devices (``jax.Array``) are checked for their shapes and
-dtypes only, and a non-finite value among them stops training as any non-finite loss does.
+dtypes on the host, and inside the step: a label out of range or a non-finite value makes
+the step not apply and stops training as any non-finite loss does (the last good state
+kept). To find the bad step, ``fit`` asks the source for that epoch again: a source must
+give the same batches for the same epoch (``ArrayBatches`` does; seed a generator by the
+epoch), or the error falls back to the epoch's start. In a multi-process run every process
+must pass the same checks: a batch refused in one process leaves the others waiting.
 
-Only the current batch and the next one are in memory: JAX dispatches a step and returns
-before it has run, so the next batch is read and checked while the device computes.
+JAX dispatches a step and returns before it has run, so the next batch is read and
+checked while the device computes; only the batches of the steps in flight are held.
 
 On several devices (``devices=``) each batch is sharded along the mesh's data axis. With
 several processes (``jax.distributed``) every process gives its own part of every

@@ -1461,8 +1461,10 @@ def fit(
                              "its own model_state)")
         state = _check_train_state(state, optimizer, where)
     update_args = (net, loss, optimizer, regularizer, lam, grad, seed, where)
-    precision = _precision.get_policy(precision, where)
-    update = _make_update(*update_args, precision=precision)
+    # labels of batches already on devices are checked in the step (not on the host)
+    update_kw = {"precision": _precision.get_policy(precision, where),
+                 "check_labels": streaming}
+    update = _make_update(*update_args, **update_kw)
 
     source = None
     if streaming:  # the first batch stands in for the data set in the checks below
@@ -1482,6 +1484,16 @@ def fit(
         batch_size = 32 if batch_size is None else batch_size
         if mesh is not None and jax.process_count() > 1:
             # every process holds the data set and reads its own rows of every batch
+            count, bs = jax.process_count(), min(batch_size, x_np.shape[0])
+            if bs % count:
+                raise ValueError(f"fit: batch_size={bs} must divide by the {count} processes "
+                                 f"(each takes batch_size / {count} rows of every batch)")
+            if mixes_batch(net) and x_np.shape[0] % bs:
+                raise ValueError(
+                    f"fit: with {count} processes, a network with BatchNorm needs a data set "
+                    f"size that divides by batch_size: {x_np.shape[0]} examples leave a last "
+                    f"batch of {x_np.shape[0] % bs}, which the processes cannot split into "
+                    f"equal parts without padding rows that BatchNorm would see")
             if isinstance(x_np, jax.Array):
                 raise ValueError("fit: with several processes, give x and y as host arrays "
                                  "(the whole data set in every process) or a batch source of "
@@ -1553,7 +1565,7 @@ def fit(
             metrics = jax.device_get(metrics)
             if not bool(active) or not bool(_state_finite(state)):
                 _non_finite_epoch(epoch, metrics, state, start_state, history, runner,
-                                  (*update_args, precision), epoch_key(seed_key, epoch))
+                                  (update_args, update_kw), epoch_key(seed_key, epoch))
             train_loss, train_acc = _epoch_summary(metrics)
             history["loss"].append(train_loss)
             history["accuracy"].append(train_acc if with_acc else None)
@@ -1612,8 +1624,8 @@ def _non_finite_epoch(epoch, metrics, state, start_state, history, runner, updat
     epoch is run again from its (finite) start with the full guard, which checks the
     whole updated state at every step and stops at the first bad one."""
     if not bool(_state_finite(state)):
-        *args, precision = update_args
-        full = runner.with_update(_make_update(*args, guard="full", precision=precision))
+        args, kw = update_args
+        full = runner.with_update(_make_update(*args, guard="full", **kw))
         replayed, replay_metrics, active = full.run(_copy(start_state), key, jnp.asarray(True),
                                                     epoch=epoch)
         if not bool(active) and bool(_state_finite(replayed)):

@@ -153,3 +153,28 @@ def test_checkpoint_round_trip_and_resume_are_bitwise(data, tmp_path):
     restored, _ = checkpoint.restore(path, {"state": full.state})
     np.testing.assert_array_equal(restored["state"].model_state[2]["mean"],
                                   full.model_state[2]["mean"])
+
+
+def test_a_subclass_that_overrides_forward_drops_the_inherited_hand_rule():
+    """A Conv whose forward doubles its kernel: the manual gradient is that of its own
+    forward (the jax.vjp fallback), not Conv's hand rule for the parent's forward."""
+    @dataclasses.dataclass(frozen=True, repr=False)
+    class DoubledConv(fn.Conv):
+        def forward(self, params, state, x, *, key=None, train=False):
+            doubled = {**params, "w": 2.0 * params["w"]}
+            return super().forward(doubled, state, x, key=key, train=train)
+
+    @dataclasses.dataclass(frozen=True, repr=False)
+    class SameConv(fn.Conv):  # keeps Conv's forward: keeps its hand rule
+        pass
+
+    assert fn.Conv.has_hand_rule() and SameConv.has_hand_rule()
+    assert not DoubledConv.has_hand_rule()
+    net = fn.Serial([DoubledConv(2, 3), fn.Flatten(), fn.Dense(3)])
+    params = net.init(jax.random.key(0), (5, 5, 1))
+    x, y = jax.random.normal(jax.random.key(1), (4, 5, 5, 1)), np.arange(4) % 3
+    loss = fn.losses.softmax_cross_entropy
+    manual = fn.vjp.value_and_grad(net, loss)(params, x, y)
+    auto = jax.value_and_grad(lambda p: loss(net.apply(p, x), y))(params)
+    for a, b in zip(jax.tree.leaves(manual), jax.tree.leaves(auto), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -109,7 +109,9 @@ def test_array_batches_transform_is_seeded(xy):
 @pytest.mark.parametrize("kwargs, exc, match", [
     ({"batch_size": 0}, ValueError, "batch_size must be a positive int, got 0"),
     ({"shuffle": 1}, TypeError, "shuffle must be a bool"),
-    ({"seed": -1}, TypeError, "seed must be a non-negative int"),
+    ({"seed": -1}, ValueError, "seed must be a non-negative int below 2\\*\\*32, got -1"),
+    ({"seed": 1.5}, TypeError, "seed must be a non-negative int"),
+    ({"batch_size": 2.0}, TypeError, "batch_size must be a positive int, got 2.0"),
     ({"transform": 3}, TypeError, "transform must be callable"),
     ({"process": (2, 2)}, ValueError, r"0 <= index < count, got \(2, 2\)"),
     ({"process": [0, 2]}, TypeError, "pair of ints"),
@@ -333,3 +335,17 @@ def test_read_idx_mmap(tmp_path):
     with pytest.raises(TypeError, match="mmap must be a bool"):
         data.read_idx(tmp_path / "a.idx", mmap="yes")
     assert os.path.exists(tmp_path / "a.idx")
+
+
+def test_device_labels_out_of_range_stop_training(xy):
+    """Labels already on the device are not checked on the host: the step refuses them."""
+    x, y = xy
+
+    def source(epoch):
+        for b in range(4):
+            yb = jnp.asarray(y[b * BS:(b + 1) * BS])
+            yield x[b * BS:(b + 1) * BS], (yb.at[0].set(-1) if b == 1 else yb)
+
+    with pytest.raises(train.NonFiniteLossError, match="epoch 1, step 2 of 4") as err:
+        fit(mlp(), source, epochs=1)
+    assert int(err.value.state.step) == 1

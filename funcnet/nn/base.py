@@ -254,6 +254,19 @@ class Layer:
     #: A user layer that mixes the batch must set it.
     mixes_batch: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that overrides ``forward`` but not ``fwd`` / ``bwd`` (a ``Conv`` with
+        standardised weights, say) would inherit a hand rule written for its parent's
+        forward pass, and ``grad="manual"`` would train the parent's function while
+        ``apply`` runs the new one. Such a subclass gets the ``jax.vjp`` fallback of its
+        own ``forward`` instead (``has_hand_rule()`` is then ``False``); a subclass that
+        keeps its parent's forward keeps the hand rule."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "forward" in own and "fwd" not in own and "bwd" not in own \
+                and cls.fwd is not Layer.fwd:
+            cls.fwd, cls.bwd = Layer.fwd, Layer.bwd
+
     def __repr__(self) -> str:
         parts = []
         for f in dataclasses.fields(self):
