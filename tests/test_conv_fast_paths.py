@@ -58,6 +58,7 @@ def test_banded_forward_equals_lax(in_shape, k_shape, stride, padding, dilation)
     assert gradcheck.relative_error(y, y_ref) < TOL  # the path conv2d_fwd chose
 
 
+@pytest.mark.slow  # CI's slow tier runs it; kept out of the default run for its time
 @pytest.mark.parametrize("in_shape,k_shape,stride,padding,dilation", GRID, ids=IDS)
 @pytest.mark.parametrize("path", ["banded", "rows", "scatter", "correlation"])
 def test_every_input_gradient_formulation_equals_lax(in_shape, k_shape, stride, padding,

@@ -221,6 +221,7 @@ def test_hand_rule_runs_in_bf16(name):
     assert floating_dtypes(new_state) <= {"float32"}  # BatchNorm's statistics
 
 
+@pytest.mark.slow  # CI's slow tier runs it; kept out of the default run for its time
 def test_hand_rules_in_bf16_compute_what_float32_ones_do():
     cases = {name: rule_case(name) for name in RULE_LAYERS}
 
@@ -397,6 +398,7 @@ def test_precision_needs_a_builtin_grad_mode_and_float32_params():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # CI's slow tier runs it; kept out of the default run for its time
 def test_bf16_training_on_digits_matches_float32_accuracy():
     split = fn.data.digits()
     x, y = split.x_train.reshape(-1, 64), split.y_train
@@ -423,6 +425,7 @@ def test_bf16_training_on_digits_matches_float32_accuracy():
         assert np.abs(trained[key] - trained[None, "autodiff"]).max() > 1e-3
 
 
+@pytest.mark.slow  # CI's slow tier runs it; kept out of the default run for its time
 @pytest.mark.parametrize("grad", ["autodiff", "manual"])
 def test_fit_in_bf16_keeps_float32_state_and_trains(grad):
     """fit(precision="bf16"), BatchNorm and a partial last batch: the state stays float32,

@@ -140,8 +140,12 @@ def test_array_batches_bad_arrays(xy):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grad", ["autodiff", "manual"])
-@pytest.mark.parametrize("make", [mlp, bn_conv], ids=["mlp-dropout", "conv-batchnorm"])
+SLOW = pytest.mark.slow  # CI's slow tier runs these; the default run keeps one case
+
+
+@pytest.mark.parametrize("grad", ["autodiff", pytest.param("manual", marks=SLOW)])
+@pytest.mark.parametrize("make", [pytest.param(mlp, marks=SLOW), bn_conv],
+                         ids=["mlp-dropout", "conv-batchnorm"])
 def test_fit_on_array_batches_equals_fit_on_arrays(xy, make, grad):
     """Padded last batch (MLP) and true-size last batch (BatchNorm), Dropout keys, both
     gradient modes: bitwise the same training."""
