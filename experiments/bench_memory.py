@@ -7,8 +7,8 @@ Each mode trains LeNet-5 for one epoch (batch 128) in its own process and report
 process's anonymous resident memory (``RssAnon``: heap, numpy and device buffers on the
 CPU backend; not the file pages of a memory map, which the kernel can drop at any time),
 sampled every 10 ms, before loading the data (after a first epoch on zeros of the same
-shapes: JAX started, the programs compiled and the zeros freed) and at its peak during
-training:
+shapes: JAX started, the programs compiled once so that the compiler's memory is already
+taken, the zeros freed) and at its peak during training:
 
 - ``arrays``: ``fit(net, params, x, y)`` with ``x`` from ``data.load_mnist`` (float32);
 - ``stream``: ``fit(net, params, data.mnist_batches(images, labels, 128))`` over the raw
@@ -72,8 +72,9 @@ def child(mode: str, images: str, labels: str, n: int) -> dict:
     net = fn.models.lenet5()
     params = net.init(jax.random.key(0), (28, 28, 1))
     kw = {"epochs": 1, "seed": 0, "progress": False, "optimizer": optax.adam(1e-3)}
-    # a first epoch on zeros of the same shapes: JAX up, every program compiled once (the
-    # compiler's memory is then reused, not counted below), the zeros freed again
+    # a first epoch on zeros of the same shapes: JAX up, the same programs compiled once
+    # (fit builds new jit closures, so the measured run compiles them again, reusing the
+    # memory the compiler took here), the zeros freed again
     zeros = np.zeros((n, 28, 28, 1), np.float32), np.zeros(n, np.int32)
     if mode == "arrays":
         train.fit(net, params, *zeros, batch_size=128, **kw)

@@ -132,14 +132,14 @@ class StreamRunner:
     def __init__(self, update: Callable, source: Any, batch_size: int, *, x_like: Any,
                  y_like: Any, num_classes: int | None, integer_x: bool, mesh: Any = None,
                  exact_last: bool = False, where: str = "fit"):
-        self.update, self.source, self.batch_size = update, source, int(batch_size)
+        self.source, self.batch_size = source, int(batch_size)
         self.mesh, self.exact_last, self.where = mesh, exact_last, where
         self._init = {"x_like": x_like, "y_like": y_like, "num_classes": num_classes,
                       "integer_x": integer_x, "mesh": mesh, "exact_last": exact_last,
                       "where": where}
         self.num_classes, self.integer_x = num_classes, integer_x
         self.x_tail, self.x_dtype = tuple(x_like.shape[1:]), np.dtype(x_like.dtype)
-        self.y_tail, self.y_dtype = tuple(y_like.shape[1:]), np.dtype(y_like.dtype)
+        self.y_tail = tuple(y_like.shape[1:])
         self.w_dtype = self.x_dtype if np.issubdtype(self.x_dtype, np.floating) else np.float32
         self.num_batches = num_batches(source)
         self.processes = jax.process_count() if mesh is not None else 1
