@@ -1498,9 +1498,8 @@ def fit(
                 raise ValueError("fit: with several processes, give x and y as host arrays "
                                  "(the whole data set in every process) or a batch source of "
                                  "each process's part (data.ArrayBatches(process=...))")
-            source = _data.ArrayBatches(
-                x_np, y_np, min(batch_size, x_np.shape[0]), shuffle=shuffle, seed=seed,
-                drop_remainder=False, process=(jax.process_index(), jax.process_count()))
+            source = _data.ArrayBatches(x_np, y_np, bs, shuffle=shuffle, seed=seed,
+                                        process=(jax.process_index(), count))
             mode = "loop"
     out_shape = _output_shape(net, x_np, where)
     if state is None:
