@@ -20,8 +20,9 @@ processes hits them alike; each figure is the median over ``--repeats`` epochs o
 - ``make_step loop`` — ``funcnet.train.make_step`` (``grad="autodiff"``).
 - ``make_step manual loop`` — the same with ``grad="manual"``: funcnet's hand-written
   backward rules (:mod:`funcnet.vjp`) instead of ``jax.value_and_grad``.
-- ``fit loop``   — the engine of ``funcnet.train.fit``: jitted step that gathers its
-  shuffled batch on device, with per-example weights and the non-finite guard.
+- ``fit loop``   — the engine of ``funcnet.train.fit`` with fit's default gradient
+  (``grad="auto"``: the hand rules for LeNet-5, autodiff for the MLP): jitted step that
+  gathers its shuffled batch on device, with per-example weights and the non-finite guard.
 - ``fit scan``   — the same, whole epoch as one compiled ``lax.scan``.
 - ``flax nnx.jit`` — Flax NNX (the current Flax API), the same architecture as an
   ``nnx.Sequential`` holding the same initial parameters; the tutorials' step:
@@ -314,7 +315,8 @@ def make_paths(net, ref_apply, params, x_all, y_all, steps, investigate, flax_bu
         name = "make_step loop" if grad == "autodiff" else f"make_step {grad} loop"
         paths[name] = (lambda: train.init_state(params, opt), make_step_loop)
 
-    update = train._make_update(net, losses.softmax_cross_entropy, opt, None, 0.0, "autodiff")
+    # fit's default gradient (grad="auto": the hand rules for LeNet-5, autodiff for the MLP)
+    update = train._make_update(net, losses.softmax_cross_entropy, opt, None, 0.0, "auto")
     for mode in ("loop", "scan"):
         runner = train.EpochRunner(update, x_all, y_all, BATCH, mode)
         key = jax.random.key(0)

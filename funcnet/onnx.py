@@ -64,6 +64,8 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from funcnet.nn.conv import plain_formulations
+
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "check_onnx", "save_onnx"]
 
 #: The ONNX opset ``save_onnx`` targets by default (onnxruntime >= 1.14 runs it).
@@ -175,7 +177,8 @@ def _trace(
         (batch,) = jax.export.symbolic_shape("N", constraints=("N >= 1",))
     spec = jax.ShapeDtypeStruct((batch, *shape), jnp.int32 if net.takes_integers() else jnp.float32)
     closed = jax.make_jaxpr(lambda x: net.apply_with_state(params, state, x, train=False)[0])
-    return closed(spec), spec
+    with plain_formulations():  # ONNX Conv nodes, not the banded matmul's reshapes
+        return closed(spec), spec
 
 
 def _to_model(jax2onnx: Any, closed: Any, spec: jax.ShapeDtypeStruct, name: str, opset: int) -> Any:

@@ -140,3 +140,83 @@ def test_manual_conv_uses_the_fast_paths_under_jit_and_grad():
         want = jax.grad(lambda *a: net(ops.conv2d, *a), argnums=(0, 1, 2))(x, w1, w2)
     for a, b in zip(got, want, strict=True):
         assert gradcheck.relative_error(a, b) < TOL
+
+
+KERNEL_GRID = [
+    # (N, H, W, C_in), (KH, KW, C_out), stride, padding, dilation, groups
+    ((37, 7, 7, 1), (5, 5, 3), 1, "SAME", 1, 1),  # LeNet's conv1 in small; a short last piece
+    ((20, 7, 7, 6), (5, 5, 4), 1, "VALID", 1, 1),  # LeNet's conv2 in small
+    ((9, 8, 9, 2), (3, 2, 3), 2, "SAME", 2, 1),  # strided and dilated
+    ((12, 6, 6, 4), (3, 3, 4), 1, 1, 1, 2),  # grouped: each group in pieces
+]
+
+
+@pytest.mark.parametrize("x_shape,k_shape,stride,padding,dilation,groups", KERNEL_GRID)
+def test_kernel_gradient_in_pieces_equals_lax(monkeypatch, x_shape, k_shape, stride, padding,
+                                              dilation, groups):
+    # pieces of 4 examples (16 in use): the batch splits into several, the last one short
+    monkeypatch.setattr(vconv, "KERNEL_GRAD_CHUNK", 4)
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal(x_shape))
+        w = jnp.asarray(rng.standard_normal((*k_shape[:2], x_shape[3] // groups, k_shape[2])))
+        y, res = vconv.conv2d_fwd(x, w, None, stride, padding, dilation, groups)
+        g = jnp.asarray(rng.standard_normal(y.shape))
+        _, vjp = jax.vjp(lambda w: lax.conv_general_dilated(
+            x, w, res.geom.stride, res.geom.pads, rhs_dilation=res.geom.dilation,
+            dimension_numbers=vconv.DIMENSION_NUMBERS, feature_group_count=groups,
+            precision=lax.Precision.HIGHEST), w)
+        (dw_ref,) = vjp(g)
+        assert vconv.kernel_grad_path(w.shape, x_shape[0], x.dtype) == "chunked"
+        chosen = vconv.conv2d_kernel_grad(res, g)
+        if groups == 1:
+            pieces = vconv.kernel_grad_chunked(res, g)
+            assert gradcheck.relative_error(pieces, dw_ref) < TOL
+    assert chosen.shape == dw_ref.shape
+    assert gradcheck.relative_error(chosen, dw_ref) < TOL
+
+
+def test_kernel_grad_path_rule(monkeypatch):
+    f32 = jnp.float32
+    assert vconv.kernel_grad_path((5, 5, 1, 6), 128, f32) == "chunked"  # LeNet's conv1
+    assert vconv.kernel_grad_path((5, 5, 6, 16), 128, f32) == "chunked"  # and conv2
+    assert vconv.kernel_grad_path((5, 5, 6, 16), 128, jnp.float64) == "chunked"
+    assert vconv.kernel_grad_path((3, 3, 16, 17), 128, f32) == "lax"  # > 16 outputs
+    assert vconv.kernel_grad_path((5, 5, 6, 16), 16, f32) == "lax"  # one piece
+    assert vconv.kernel_grad_path((5, 5, 6, 16), 17, f32) == "chunked"
+    assert vconv.kernel_grad_path((5, 5, 6, 16), 16 * 32, f32) == "chunked"
+    assert vconv.kernel_grad_path((5, 5, 6, 16), 16 * 32 + 1, f32) == "lax"  # > 32 pieces
+    assert vconv.kernel_grad_path((5, 5, 6, 16), 128, jnp.bfloat16) == "lax"
+    with vconv.plain_formulations():
+        assert vconv.kernel_grad_path((5, 5, 6, 16), 128, f32) == "lax"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert vconv.kernel_grad_path((5, 5, 6, 16), 128, f32) == "lax"  # a CPU-only choice
+
+
+def test_conv2d_itself_takes_the_banded_forward_and_plain_formulations_turn_it_off():
+    # conv2d (inference, autodiff) and the hand rule's forward pass share the formulation;
+    # inside plain_formulations every convolution is lax's (what the ONNX exporter needs)
+    x = jnp.ones((2, 9, 9, 1))
+    w = jnp.ones((3, 3, 1, 4))
+
+    def prims(f):  # a new function each time: make_jaxpr caches traces by function
+        return {str(e.primitive) for e in jax.make_jaxpr(lambda *a: f(*a))(x, w).eqns}
+
+    def fwd(x, w):
+        return ops.conv2d(x, w, None, 1, "SAME")
+
+    assert "conv_general_dilated" not in prims(fwd) and "dot_general" in prims(fwd)
+    with pytest.raises(RuntimeError):
+        with vconv.plain_formulations():
+            assert "conv_general_dilated" in prims(fwd)
+            assert vconv.forward_path(w.shape, _geom((9, 9, 1), (3, 3))) == "lax"
+            raise RuntimeError("leaves the block")
+    assert vconv.forward_path(w.shape, _geom((9, 9, 1), (3, 3))) == "banded"  # restored
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(6)
+        x64 = jnp.asarray(rng.standard_normal((2, 9, 9, 1)))
+        w64 = jnp.asarray(rng.standard_normal((3, 3, 1, 4)))
+        ref = lax.conv_general_dilated(x64, w64, (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=vconv.DIMENSION_NUMBERS,
+                                       precision=lax.Precision.HIGHEST)
+        assert gradcheck.relative_error(fwd(x64, w64), ref) < TOL

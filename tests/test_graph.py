@@ -30,14 +30,20 @@ def cnn():
 
 
 def test_jaxpr_stablehlo_and_hlo_show_the_network(cnn):
+    from funcnet.nn.conv import plain_formulations
+
     net, _ = cnn
+    # what runs: the one-channel convolution as conv.py's banded matmul
     jp = str(graph.jaxpr(net, SHAPE, batch=3))
+    assert "conv_general_dilated" not in jp and "concatenate" in jp
+    with plain_formulations():  # every convolution as lax's, as the lecture writes it
+        jp = str(graph.jaxpr(net, SHAPE, batch=3))
+        shlo = graph.stablehlo(net, SHAPE, batch=3)
+        opt = graph.hlo(net, SHAPE, batch=3)
     for prim in ("conv_general_dilated", "reduce_window", "dot_general", "max"):
         assert prim in jp, prim
     assert "f32[3,12,12,1]" in jp  # the batch it was traced for
-    shlo = graph.stablehlo(net, SHAPE, batch=3)
     assert "stablehlo.convolution" in shlo and "tensor<3x12x12x1xf32>" in shlo
-    opt = graph.hlo(net, SHAPE, batch=3)
     assert "ENTRY" in opt and "convolution" in opt
     assert "fusion" in opt or "fused" in opt  # optimised, not the lowered module
 
