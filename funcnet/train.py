@@ -15,8 +15,9 @@ Two ways to run an epoch, giving the same parameters for the same key:
 - ``"scan"``: the whole epoch as one compiled program, a ``lax.scan`` over the batches of
   a device-resident, shuffled-on-device copy of the data.
 
-``epoch_mode="auto"`` (the default of :func:`fit`) picks ``"loop"`` for networks with a
-convolution and ``"scan"`` otherwise; BENCHMARKS.md has the measurements behind it.
+``epoch_mode="auto"`` (the default of :func:`fit`) picks ``"scan"``, except ``"loop"``
+for a network with a convolution trained by autodiff (:func:`choose_epoch_mode`;
+BENCHMARKS.md has the measurements behind it).
 
 Gradients come from ``grad=``: ``"auto"`` (the default, :func:`choose_grad`: the hand
 rules for convolutional networks, where they are faster, else autodiff), ``"autodiff"``
@@ -858,18 +859,28 @@ def has_conv(net: Any) -> bool:
     return any(layer.convolutional for layer in iter_layers(net))
 
 
-def choose_epoch_mode(net: Any, mode: str = "auto") -> str:
-    """Resolve ``"auto"``: ``"loop"`` for nets with convolutions, else ``"scan"``.
+def choose_epoch_mode(net: Any, mode: str = "auto", grad: str | ValueAndGrad = "auto") -> str:
+    """Resolve ``"auto"``: ``"scan"`` (one compiled program per epoch, no per-step
+    dispatch), except ``"loop"`` for a network with a convolution trained by autodiff
+    (or a custom ``grad``).
 
-    Measured on XLA:CPU (BENCHMARKS.md): the scanned epoch is faster for dense networks
-    (no per-step dispatch) but slower for convolutions, whose weight-gradient
-    convolutions inside the scan's while-loop body are compiled to a slower kernel.
+    Measured on XLA:CPU (BENCHMARKS.md, "Scanned epochs"): with the hand rules
+    (``grad="manual"``, the default for convolutional networks) the scanned epoch is
+    as fast as the loop or faster (LeNet-5 7.7 vs 8.9 ms per step, a small ResNet 123 vs
+    142), the conv rules' kernel gradient being written in the canonical layout. JAX's
+    own derivative of a convolution is not: inside the scan's while loop XLA:CPU
+    compiles it to a generic kernel, 3-20x slower than the loop (LeNet-5 48 vs 17 ms,
+    a small VGG-style net 1355 vs 67 ms). Dense networks scan faster either way.
     """
     if mode not in EPOCH_MODES:
         raise ValueError(f"epoch_mode must be one of {EPOCH_MODES}, got {mode!r}")
     if mode != "auto":
         return mode
-    return "loop" if has_conv(net) else "scan"
+    if not has_conv(net):
+        return "scan"
+    grad = choose_grad(net, grad)
+    hand_rules = grad == "manual" if isinstance(grad, str) else grad is _vjp.value_and_grad
+    return "scan" if hand_rules else "loop"
 
 
 # ---------------------------------------------------------------------------------------
@@ -1361,7 +1372,7 @@ def fit(
       epoch_mode: ``"auto"``, ``"loop"`` (Python loop over a jitted step) or ``"scan"``
         (one compiled program per epoch); see :func:`choose_epoch_mode`.
       grad: gradient mode, see :func:`make_step`.
-      progress: show a tqdm progress bar.
+      progress: show a tqdm progress bar (a scanned epoch advances it once per epoch).
       checkpoint: file to save ``{"state": TrainState}`` (and the history in the
         metadata) after every epoch, atomically; its folder must exist and be writable.
       resume: continue from ``checkpoint`` if it exists (bitwise the same result as an
@@ -1441,7 +1452,7 @@ def fit(
             raise ValueError(f"fit: loss_threshold must be a number or None, got {loss_threshold}")
     if resume and checkpoint is None:
         raise ValueError("fit: resume=True needs a checkpoint path")
-    mode = choose_epoch_mode(net, epoch_mode)
+    mode = choose_epoch_mode(net, epoch_mode, grad)
     mesh = None if devices is None else _parallel.data_mesh(devices, where)
     streaming = y is None
     if streaming:

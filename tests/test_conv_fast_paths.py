@@ -220,3 +220,15 @@ def test_conv2d_itself_takes_the_banded_forward_and_plain_formulations_turn_it_o
                                        dimension_numbers=vconv.DIMENSION_NUMBERS,
                                        precision=lax.Precision.HIGHEST)
         assert gradcheck.relative_error(fwd(x64, w64), ref) < TOL
+
+
+def test_kernel_gradient_convolution_is_in_the_canonical_layout():
+    # NHWC / HWIO / NHWC with explicit transposes: inside a scanned epoch's while loop
+    # XLA:CPU does not rewrite other layouts and ran them on a generic, slow kernel
+    x = jnp.ones((4, 7, 7, 3))
+    w = jnp.ones((3, 3, 3, 5))
+    _, res = vconv.conv2d_fwd(x, w, None, 2, "SAME", 1)
+    g = jnp.ones((4, 4, 4, 5))
+    text = jax.jit(vconv.kernel_grad_correlation).lower(res, g).as_text()
+    convs = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+    assert convs and all("[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]" in c for c in convs), convs

@@ -288,6 +288,35 @@ def test_nan_in_data_and_bad_labels_rejected_before_training():
 
 
 def test_choose_epoch_mode():
-    assert train.choose_epoch_mode(models.mlp([8], 3)) == "scan"
-    assert train.choose_epoch_mode(models.digits_cnn()) == "loop"
-    assert train.choose_epoch_mode(models.digits_cnn(), "scan") == "scan"
+    from funcnet import vjp
+
+    mlp, cnn = models.mlp([8], 3), models.digits_cnn()
+    assert train.choose_epoch_mode(mlp) == "scan"
+    assert train.choose_epoch_mode(mlp, grad="autodiff") == "scan"
+    # a conv net scans with the hand rules (its default gradient), loops with autodiff
+    assert train.choose_epoch_mode(cnn) == "scan"
+    assert train.choose_epoch_mode(cnn, grad="manual") == "scan"
+    assert train.choose_epoch_mode(cnn, grad=vjp.value_and_grad) == "scan"
+    assert train.choose_epoch_mode(cnn, grad="autodiff") == "loop"
+    assert train.choose_epoch_mode(cnn, grad=train.autodiff_value_and_grad) == "loop"
+    assert train.choose_epoch_mode(cnn, "scan", grad="autodiff") == "scan"
+    assert train.choose_epoch_mode(cnn, "loop") == "loop"
+
+
+def test_fit_scans_a_conv_net_by_default_and_loops_it_with_autodiff(monkeypatch):
+    # which runner fit builds, seen through EpochRunner's mode
+    modes = []
+    real = train.EpochRunner.__init__
+
+    def spy(self, update, x, y, batch_size, mode, *args, **kwargs):
+        modes.append(mode)
+        real(self, update, x, y, batch_size, mode, *args, **kwargs)
+
+    monkeypatch.setattr(train.EpochRunner, "__init__", spy)
+    net = models.digits_cnn()
+    x = np.zeros((8, 8, 8, 1), np.float32)
+    y = np.arange(8) % 10
+    params = net.init(jax.random.key(0), (8, 8, 1))
+    for grad in ("auto", "autodiff"):
+        train.fit(net, params, x, y, epochs=1, batch_size=4, grad=grad, progress=False)
+    assert modes == ["scan", "loop"]
