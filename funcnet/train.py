@@ -864,7 +864,7 @@ def choose_epoch_mode(net: Any, mode: str = "auto", grad: str | ValueAndGrad = "
     dispatch), except ``"loop"`` for a network with a convolution trained by autodiff
     (or a custom ``grad``).
 
-    Measured on XLA:CPU (BENCHMARKS.md, "Scanned epochs"): with the hand rules
+    Measured on XLA:CPU (BENCHMARKS.md, "Issue 13, session 2026-12-03 (2)"): with the hand rules
     (``grad="manual"``, the default for convolutional networks) the scanned epoch is
     as fast as the loop or faster (LeNet-5 7.7 vs 8.9 ms per step, a small ResNet 123 vs
     142), the conv rules' kernel gradient being written in the canonical layout. JAX's
