@@ -124,6 +124,15 @@ def as_array(x: Any, what: str, where: str) -> Any:
     return arr
 
 
+def on_device(x: Any) -> jax.Array:
+    """``jnp.asarray(x)`` without compiling: a NumPy array is copied to the default
+    device by ``jax.device_put`` (``jnp.asarray`` of one runs a small identity program,
+    compiled once per shape and dtype); anything else goes through ``jnp.asarray``."""
+    if isinstance(x, np.ndarray):
+        return jax.device_put(x)
+    return jnp.asarray(x)
+
+
 def check_real(x: Any, what: str, where: str) -> None:
     """``x`` has a real number dtype (integer or floating; not complex, bool or text)."""
     dtype = dtype_of(x)

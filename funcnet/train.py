@@ -1166,7 +1166,7 @@ def predict(
     _output_shape(net, x, where)
     _check_x_fits(net, params, x, where)
     state = _model_state(net, state, x.shape[1:], where)
-    x = jnp.asarray(x)
+    x = _checks.on_device(x)
     n = x.shape[0]
     if n == 0:
         spec = jax.eval_shape(lambda p, s, xb: net.apply_with_state(p, s, xb)[0], params, state,
@@ -1268,7 +1268,7 @@ def _check_validation(net, validation_data, loss, params, model_state, x_train, 
     out_shape = _output_shape(net, xv, vwhere, "x_val")
     _check_x_fits(net, params, xv, vwhere, "x_val")
     check_params(net, model_state, xv.shape[1:], vwhere, what="state")
-    xd, yd = jnp.asarray(xv), jnp.asarray(yv)
+    xd, yd = _checks.on_device(xv), _checks.on_device(yv)
     idx, w = _eval_batches(xv.shape[0], 1024, xv.dtype)
     try:
         jax.eval_shape(_eval_fn(net, loss), params, model_state, xd, yd, idx, w)
@@ -1536,8 +1536,8 @@ def fit(
             mesh=mesh, exact_last=mixes_batch(net), where=where)
     else:
         bs = min(batch_size, x_np.shape[0])
-        runner = EpochRunner(update, jnp.asarray(x_np), jnp.asarray(y_np), bs, mode, shuffle,
-                             mesh, exact_last=mixes_batch(net))
+        runner = EpochRunner(update, _checks.on_device(x_np), _checks.on_device(y_np), bs,
+                             mode, shuffle, mesh, exact_last=mixes_batch(net))
     if val is not None and mesh is not None:
         val = val._replace(**_parallel.replicate(
             {"x": val.x, "y": val.y, "idx": val.idx, "w": val.w}, mesh))

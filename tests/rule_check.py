@@ -12,7 +12,7 @@ FD_TOL = 1e-6  # central differences, h = 1e-6
 
 
 def rand(shape, seed, loc=0.0, scale=1.0):
-    return jnp.asarray(loc + scale * np.random.default_rng(seed).standard_normal(shape))
+    return jax.device_put(loc + scale * np.random.default_rng(seed).standard_normal(shape))
 
 
 def check_op_rule(rule, op, arrays, static=None, seed=0):

@@ -16,7 +16,7 @@ LAYER_TOL = 1e-9
 
 
 def _rand(shape, seed, scale=1.0):
-    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape))
+    return jax.device_put(scale * np.random.default_rng(seed).standard_normal(shape))
 
 
 def _check_rule(rules, op, arrays, static=None, seed=0):

@@ -466,7 +466,7 @@ def test_gradcheck_check_passes_correct_float32_gradients_and_catches_wrong_ones
     params = net.init(KEY, (3,))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 2, 4))
+    y = jax.device_put(rng.integers(0, 2, 4))
     grad_fn = vjp.value_and_grad(net, fn.losses.softmax_cross_entropy)
 
     @jax.jit

@@ -19,10 +19,10 @@ TOL = 1e-12  # relative (per array), float64: only the summation order differs
 
 def _case(seed, in_shape, k_shape, stride, padding, dilation):
     rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal((2, *in_shape)))
-    w = jnp.asarray(rng.standard_normal((k_shape[0], k_shape[1], in_shape[2], k_shape[2])))
+    x = jax.device_put(rng.standard_normal((2, *in_shape)))
+    w = jax.device_put(rng.standard_normal((k_shape[0], k_shape[1], in_shape[2], k_shape[2])))
     y, res = vconv.conv2d_fwd(x, w, None, stride, padding, dilation)
-    g = jnp.asarray(rng.standard_normal(y.shape))
+    g = jax.device_put(rng.standard_normal(y.shape))
 
     def ref(x, w):
         return lax.conv_general_dilated(
@@ -128,9 +128,9 @@ def test_manual_conv_uses_the_fast_paths_under_jit_and_grad():
     conv = vjp.manual(ops.conv2d)
     with jax.enable_x64(True):
         rng = np.random.default_rng(4)
-        x = jnp.asarray(rng.standard_normal((2, 9, 9, 1)))
-        w1 = jnp.asarray(rng.standard_normal((3, 3, 1, 3)))
-        w2 = jnp.asarray(rng.standard_normal((3, 3, 3, 2)))
+        x = jax.device_put(rng.standard_normal((2, 9, 9, 1)))
+        w1 = jax.device_put(rng.standard_normal((3, 3, 1, 3)))
+        w2 = jax.device_put(rng.standard_normal((3, 3, 3, 2)))
 
         def net(conv_fn, x, w1, w2):
             return jnp.sum(jnp.tanh(conv_fn(jnp.tanh(conv_fn(x, w1, None, 1, "SAME")), w2,
@@ -158,10 +158,10 @@ def test_kernel_gradient_in_pieces_equals_lax(monkeypatch, x_shape, k_shape, str
     monkeypatch.setattr(vconv, "KERNEL_GRAD_CHUNK", 4)
     rng = np.random.default_rng(5)
     with jax.enable_x64(True):
-        x = jnp.asarray(rng.standard_normal(x_shape))
-        w = jnp.asarray(rng.standard_normal((*k_shape[:2], x_shape[3] // groups, k_shape[2])))
+        x = jax.device_put(rng.standard_normal(x_shape))
+        w = jax.device_put(rng.standard_normal((*k_shape[:2], x_shape[3] // groups, k_shape[2])))
         y, res = vconv.conv2d_fwd(x, w, None, stride, padding, dilation, groups)
-        g = jnp.asarray(rng.standard_normal(y.shape))
+        g = jax.device_put(rng.standard_normal(y.shape))
         _, vjp = jax.vjp(lambda w: lax.conv_general_dilated(
             x, w, res.geom.stride, res.geom.pads, rhs_dilation=res.geom.dilation,
             dimension_numbers=vconv.DIMENSION_NUMBERS, feature_group_count=groups,
@@ -214,8 +214,8 @@ def test_conv2d_itself_takes_the_banded_forward_and_plain_formulations_turn_it_o
     assert vconv.forward_path(w.shape, _geom((9, 9, 1), (3, 3))) == "banded"  # restored
     with jax.enable_x64(True):
         rng = np.random.default_rng(6)
-        x64 = jnp.asarray(rng.standard_normal((2, 9, 9, 1)))
-        w64 = jnp.asarray(rng.standard_normal((3, 3, 1, 4)))
+        x64 = jax.device_put(rng.standard_normal((2, 9, 9, 1)))
+        w64 = jax.device_put(rng.standard_normal((3, 3, 1, 4)))
         ref = lax.conv_general_dilated(x64, w64, (1, 1), ((1, 1), (1, 1)),
                                        dimension_numbers=vconv.DIMENSION_NUMBERS,
                                        precision=lax.Precision.HIGHEST)

@@ -15,7 +15,7 @@ def _f(p):
 
 def _params():
     rng = np.random.default_rng(0)
-    return {"a": jnp.asarray(rng.standard_normal((3, 4))), "b": jnp.asarray(rng.standard_normal(5))}
+    return {"a": jax.device_put(rng.standard_normal((3, 4))), "b": jax.device_put(rng.standard_normal(5))}
 
 
 @pytest.mark.parametrize("method,tol", [("central", 1e-8), ("forward", 1e-5)])

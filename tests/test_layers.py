@@ -201,7 +201,9 @@ def test_vmap_and_grad_apply_to_a_network():
     net = fn.models.digits_cnn()
     params = net.init(jax.random.key(0), (8, 8, 1))
     x = jax.random.uniform(jax.random.key(1), (3, 8, 8, 1))
-    per_example = jax.vmap(lambda xi: net.apply(params, xi[None])[0])(x)
-    np.testing.assert_allclose(per_example, net.apply(params, x), rtol=1e-5, atol=1e-5)
-    grads = jax.grad(lambda p: net.apply(p, x).sum())(params)
+    # jitted: op by op, each transformed primitive would compile its own program
+    per_example = jax.jit(jax.vmap(lambda xi: net.apply(params, xi[None])[0]))(x)
+    np.testing.assert_allclose(per_example, jax.jit(net.apply)(params, x), rtol=1e-5,
+                               atol=1e-5)
+    grads = jax.jit(jax.grad(lambda p: net.apply(p, x).sum()))(params)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)

@@ -31,11 +31,11 @@ SHAPE_IDS = ["NC", "NHWC"]
 
 def _rand(shape, seed, loc=0.0, scale=1.0):
     rng = np.random.default_rng(seed)
-    return jnp.asarray(loc + scale * rng.standard_normal(shape))
+    return jax.device_put(loc + scale * rng.standard_normal(shape))
 
 
 def _positive(shape, seed):
-    return jnp.asarray(np.random.default_rng(seed).uniform(0.5, 2.0, shape))
+    return jax.device_put(np.random.default_rng(seed).uniform(0.5, 2.0, shape))
 
 
 # ---------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ def _quick_state(net, in_shape, seed=1):
 
     def draw(path, s):
         if "var" in jax.tree_util.keystr(path):
-            return jnp.asarray(rng.uniform(0.5, 2.0, s.shape).astype(np.float32))
-        return jnp.asarray(rng.normal(0.0, 0.5, s.shape).astype(np.float32))
+            return jax.device_put(rng.uniform(0.5, 2.0, s.shape).astype(np.float32))
+        return jax.device_put(rng.normal(0.0, 0.5, s.shape).astype(np.float32))
 
     return jax.tree_util.tree_map_with_path(draw, net.state_shapes(in_shape))
 

@@ -86,7 +86,7 @@ def _x(shape, n=3, seed=1, layer=None):
 
 
 def _f64(tree):
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+    return jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a, np.float64)), tree)
 
 
 @pytest.mark.parametrize("cls", list(EXAMPLES), ids=lambda c: c.__name__)

@@ -27,7 +27,7 @@ def _assert_rule(report):
 )
 def test_activation_rules(op, static):
     with jax.enable_x64(True):
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 5)) * 2)
+        x = jax.device_put(np.random.default_rng(0).standard_normal((3, 4, 5)) * 2)
         _assert_rule(gradcheck.check_rule(op, (x,), static))
 
 
@@ -36,7 +36,7 @@ def test_activation_rules(op, static):
 def test_dense_rule(x_shape, bias):
     with jax.enable_x64(True):
         rng = np.random.default_rng(1)
-        x, w, b = (jnp.asarray(rng.standard_normal(s)) for s in (x_shape, (5, 3), (3,)))
+        x, w, b = (jax.device_put(rng.standard_normal(s)) for s in (x_shape, (5, 3), (3,)))
         _assert_rule(gradcheck.check_rule(ops.dense, (x, w, b if bias else None)))
 
 

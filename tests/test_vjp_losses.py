@@ -20,8 +20,8 @@ def _assert_rule(report):
 
 def _data():
     rng = np.random.default_rng(0)
-    z = jnp.asarray(rng.standard_normal((4, 5)) * 2)
-    t = jnp.asarray(rng.random((4, 5)))
+    z = jax.device_put(rng.standard_normal((4, 5)) * 2)
+    t = jax.device_put(rng.random((4, 5)))
     return z, t
 
 
@@ -70,8 +70,8 @@ def test_binary_cross_entropy_rule_is_finite_at_zero_and_one():
 def test_regularizer_rules_only_touch_masked_weights(reg):
     with jax.enable_x64(True):
         rng = np.random.default_rng(2)
-        params = ({"w": jnp.asarray(rng.standard_normal((3, 2))),
-                   "b": jnp.asarray(rng.standard_normal(2))}, {})
+        params = ({"w": jax.device_put(rng.standard_normal((3, 2))),
+                   "b": jax.device_put(rng.standard_normal(2))}, {})
         report = gradcheck.check_rule(reg, (params,))
         _assert_rule(report)
         omega, grad = vjp.regularizer_value_and_grad(reg)(params)

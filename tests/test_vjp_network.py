@@ -15,7 +15,7 @@ TOL = 1e-10  # float64; relative per leaf
 
 
 def _f64(tree):
-    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), tree)
+    return jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a, np.float64)), tree)
 
 
 def _check_net(net, in_shape, loss_fn, y, n=3, seed=0):
@@ -92,14 +92,14 @@ def test_feature_pools_locally_connected_softmax_and_nested_serial():
         fn.Flatten(), fn.Dense(4), fn.Sigmoid(),
     ])
     with jax.enable_x64(True):
-        y = jnp.asarray(np.random.default_rng(0).random((3, 4)))
+        y = jax.device_put(np.random.default_rng(0).random((3, 4)))
     _check_net(net, (6, 6, 2), losses.binary_cross_entropy, y)
 
 
 def test_log_softmax_and_quadratic_loss():
     net = fn.Serial([fn.Flatten(), fn.Dense(4), fn.LogSoftmax(), fn.Dense(2), fn.Softmax()])
     with jax.enable_x64(True):
-        y = jnp.asarray(np.random.default_rng(1).random((3, 2)))
+        y = jax.device_put(np.random.default_rng(1).random((3, 2)))
     _check_net(net, (2, 3), losses.quadratic, y)
 
 

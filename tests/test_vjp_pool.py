@@ -25,7 +25,7 @@ def _distinct(shape, seed=0):
     """Values without ties (a permutation, scaled), so the argmax of a window is unique."""
     rng = np.random.default_rng(seed)
     n = int(np.prod(shape))
-    return jnp.asarray(rng.permutation(n).reshape(shape) / n - 0.5 + 0.01 * rng.random(shape))
+    return jax.device_put(rng.permutation(n).reshape(shape) / n - 0.5 + 0.01 * rng.random(shape))
 
 
 GRID = [

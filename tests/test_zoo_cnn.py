@@ -62,7 +62,7 @@ def _quick_params(net, in_shape, seed=0, dtype=np.float32):
             w = rng.normal(size=s.shape) / math.sqrt(math.prod(s.shape[:-1]))
         else:
             w = 1.0 + 0.1 * rng.normal(size=s.shape)
-        return jnp.asarray(w.astype(dtype))
+        return jax.device_put(w.astype(dtype))
 
     return jax.tree_util.tree_map(draw, net.param_shapes(in_shape))
 

@@ -8,6 +8,7 @@ allocates nothing."""
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -341,28 +342,55 @@ IMAGENET_ZOO = {
 }
 
 
-def test_the_transfer_guard_catches_every_way_to_allocate():
-    # With host-to-device transfers disallowed, creating an array raises: a key, a
-    # constant, an initializer's scale, BatchNorm's running zeros / ones, a network's
-    # init. (So a summary that ran init or init_state under the guard would fail.)
-    net, key = fn.models.lenet5(), jax.random.key(0)
+class _Compiles(logging.Handler):
+    """Collects jax.log_compiles' ``Compiling ...`` messages while in use."""
+
+    def __enter__(self):
+        self.messages = []
+        self.setLevel(logging.DEBUG)
+        self._log = jax.log_compiles(True)
+        self._log.__enter__()
+        logging.getLogger("jax").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("jax").removeHandler(self)
+        self._log.__exit__(*exc)
+
+    def emit(self, record):
+        if record.getMessage().startswith("Compiling"):
+            self.messages.append(record.getMessage())
+
+
+def test_the_guards_catch_every_way_to_allocate():
+    # With host-to-device transfers disallowed, creating an array eagerly raises: a key,
+    # a constant, BatchNorm's running zeros / ones. A network's init runs as one compiled
+    # program (its constants live in the program: no transfer), which the compile log
+    # sees. (So a summary that ran init or init_state under both would fail.)
+    key = jax.random.key(0)
     with jax.transfer_guard("disallow"):
         for allocate in (
             lambda: jax.random.key(1),
             lambda: jnp.zeros((3,)),
-            lambda: net.init(key, (28, 28, 1)),
             lambda: fn.BatchNorm().init_state((4, 4, 8)),
-            lambda: fn.MultiHeadSelfAttention(2).init(key, (5, 8)),
         ):
             with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
                 allocate()
+    # layers no other test initialises on these shapes, so no program is cached yet
+    for net, shape in ((fn.Serial([fn.Conv(5, (3, 3)), fn.ReLU(), fn.Flatten(), fn.Dense(3)]),
+                        (7, 6, 2)),
+                       (fn.MultiHeadSelfAttention(2), (5, 6))):
+        with _Compiles() as log:
+            net.init(key, shape)
+        assert len(log.messages) == 1 and "init_program" in log.messages[0], log.messages
 
 
 @pytest.mark.parametrize("name", IMAGENET_ZOO)
 def test_summary_of_an_imagenet_network_allocates_nothing(name):
     net = IMAGENET_ZOO[name]()
-    with jax.transfer_guard("disallow"):  # see the test above
+    with jax.transfer_guard("disallow"), _Compiles() as log:  # see the test above
         s = fn.summary(net, IMAGENET)
+    assert log.messages == []
     assert s.total_flops > 0 and s.total_params > 0
     assert s.receptive_field == (224, 224)  # every logit sees the whole image
     for row in s.rows:

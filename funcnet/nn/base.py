@@ -43,6 +43,7 @@ no limit).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NamedTuple
@@ -327,13 +328,21 @@ class Layer:
         """Parameters for inputs of (unbatched) ``input_shape``; ``{}`` if there are none.
 
         Refuses (``ValueError``) more than :data:`PARAM_LIMIT` parameters, before
-        allocating anything.
+        allocating anything. Called outside ``jit``, a whole network is initialised by
+        one compiled program per (network, input shape) (see :func:`run_init`), so the
+        initializers must be traceable, as under ``jax.jit(net.init)``.
         """
         check_init_key(self, key)
+        shapes = self.param_shapes(input_shape)
+        check_param_limit(self, input_shape, shapes)
+        return run_init(self, key, input_shape, shapes)
+
+    def init_params(self, key: jax.Array, input_shape: Shape) -> Any:
+        """What ``init`` returns, computed op by op (``init`` checks its arguments first
+        and runs this traced); combinators override it to initialise their parts."""
         specs = self.param_specs(input_shape)
         if not specs:
             return {}
-        check_param_limit(self, input_shape, self.param_shapes(input_shape))
         fns = self.initializers()
         missing = sorted(set(specs) - set(fns))
         if missing:
@@ -530,6 +539,46 @@ def _check_key(layer: Layer, key: Any, train: bool) -> None:
             f"{_head(layer)}: key must be a JAX PRNG key (jax.random.key(seed)) or None, "
             f"{problem}"
         )
+
+
+def _frozen(shape: Any) -> Any:
+    """``shape`` with every list made a tuple (a static ``jit`` argument)."""
+    if isinstance(shape, (list, tuple)):
+        return tuple(_frozen(d) for d in shape)
+    return shape
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_program(layer: Layer, key: jax.Array, input_shape: Shape) -> Any:
+    return layer.init_params(key, input_shape)
+
+
+def run_init(layer: Layer, key: jax.Array, input_shape: Shape, shapes: Any) -> Any:
+    """``layer.init_params(key, input_shape)`` as one compiled program, cached per
+    (layer, input shape); ``shapes`` is ``layer.param_shapes(input_shape)``.
+
+    Op by op, a network's initialisation would compile one small XLA program per
+    initializer, parameter shape and key split (tens for a ResNet, each costing
+    milliseconds to compile); as one program the work is the same and it compiles once.
+    Layers are frozen dataclasses, hence valid static arguments. Already inside a trace
+    (``jit``, ``vmap``, ``eval_shape``: ``key`` is a tracer), or for a layer that cannot
+    be hashed, it runs in place; with no parameters it returns their empty structure
+    without running anything.
+    """
+    if not jax.tree_util.tree_leaves(shapes):
+        return shapes  # {} (tuples of {} for a network): what init_params returns
+    static_shape = _frozen(input_shape)
+    if isinstance(key, jax.core.Tracer) or not _hashable((layer, static_shape)):
+        return layer.init_params(key, input_shape)
+    return _init_program(layer, key, static_shape)
+
+
+def _hashable(obj: Any) -> bool:
+    try:
+        hash(obj)
+    except TypeError:
+        return False
+    return True
 
 
 def check_init_key(layer: Layer, key: Any) -> None:

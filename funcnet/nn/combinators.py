@@ -30,8 +30,6 @@ from funcnet.nn.base import (
     Layer,
     Shape,
     _default_state,
-    check_init_key,
-    check_param_limit,
     prefixed,
     rule_forward,
     split_key,
@@ -125,14 +123,10 @@ class _Combinator(Layer):
     def init_state(self, input_shape: Shape) -> tuple:
         return self._map_parts(lambda p, s, i: p.init_state(s), input_shape)
 
-    def init(self, key: jax.Array, input_shape: Shape) -> tuple:
-        """A tuple of each part's params, initialised with independent keys.
-
-        Refuses (``ValueError``) more than :data:`funcnet.nn.base.PARAM_LIMIT` parameters
-        in all, before allocating anything.
-        """
-        check_init_key(self, key)
-        check_param_limit(self, input_shape, self.param_shapes(input_shape))
+    def init_params(self, key: jax.Array, input_shape: Shape) -> tuple:
+        """A tuple of each part's params, initialised with independent keys (``init``,
+        inherited, checks the key and :data:`funcnet.nn.base.PARAM_LIMIT` first and runs
+        this as one program)."""
         n = len(self.parts())
         keys = jax.random.split(key, max(n, 1))
         return self._map_parts(lambda p, s, i: p.init(keys[i], s), input_shape)
