@@ -233,23 +233,17 @@ def _differences(f, params, h, method, chunk_bytes, where) -> FiniteDifferences:
     steps = [default_step(leaf.dtype) if h is None else float(h) for leaf in leaves]
     chunks = [int(min(max(leaf.size, 1), max(1, chunk_bytes // max(leaf.nbytes, 1))))
               for leaf in leaves]
-    values = _all_values(f, treedef, tuple(chunks), tuple(steps), method)(leaves)
-    out = {"central": [], "forward": [], "backward": []}
-    for leaf, step, (plus, minus, f0) in zip(leaves, steps, values, strict=True):
-        plus = plus[: leaf.size].reshape(leaf.shape)
-        out["forward"].append((plus - f0) / step)
-        if method == "central":
-            minus = minus[: leaf.size].reshape(leaf.shape)
-            out["central"].append((plus - minus) / (2 * step))
-            out["backward"].append((f0 - minus) / step)
+    quotients = _all_values(f, treedef, tuple(chunks), tuple(steps), method)(leaves)
     unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
     if method != "central":
-        return FiniteDifferences(None, unflat(out["forward"]), None)
-    return FiniteDifferences(*(unflat(out[k]) for k in ("central", "forward", "backward")))
+        return FiniteDifferences(None, unflat([q[1] for q in quotients]), None)
+    return FiniteDifferences(*(unflat([q[i] for q in quotients]) for i in range(3)))
 
 
 def _all_values(f, treedef, chunks, steps, method):
-    """One jitted function: ``[(f(p + h e_i), f(p - h e_i), f(p)) for each leaf]``."""
+    """One jitted function: per leaf, the (central, forward, backward) difference
+    quotients of shape ``leaf.shape`` from ``f(p + h e_i)``, ``f(p - h e_i)`` and
+    ``f(p)`` (central and backward are ``None`` unless ``method == "central"``)."""
 
     @jax.jit
     def run(leaves):
@@ -257,7 +251,8 @@ def _all_values(f, treedef, chunks, steps, method):
         results = []
         for li, (leaf, chunk, h) in enumerate(zip(leaves, chunks, steps, strict=True)):
             if leaf.size == 0:
-                results.append((leaf.reshape(-1), leaf.reshape(-1), f0))
+                results.append(_quotients(leaf, leaf.reshape(-1), leaf.reshape(-1), f0, h,
+                                          method))
                 continue
             n_chunks = -(-leaf.size // chunk)
             # Padding indices repeat index 0; their results are sliced off.
@@ -280,10 +275,21 @@ def _all_values(f, treedef, chunks, steps, method):
                     return v, v
 
             plus, minus = lax.map(jax.vmap(both), jnp.asarray(idx).reshape(n_chunks, chunk))
-            results.append((plus.reshape(-1), minus.reshape(-1), f0))
+            results.append(_quotients(leaf, plus.reshape(-1), minus.reshape(-1), f0, h,
+                                      method))
         return results
 
     return run
+
+
+def _quotients(leaf, plus, minus, f0, step, method):
+    """(central, forward, backward) quotients of ``leaf``'s shape (see _all_values)."""
+    plus = plus[: leaf.size].reshape(leaf.shape)
+    forward = (plus - f0) / step
+    if method != "central":
+        return None, forward, None
+    minus = minus[: leaf.size].reshape(leaf.shape)
+    return (plus - minus) / (2 * step), forward, (f0 - minus) / step
 
 
 # ---------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ IDS = [repr(layer).replace("\n", "")[:60] for layer, _ in LAYERS]
 def test_output_shape_equals_the_shape_apply_produces(layer, shape):
     params = layer.init(jax.random.key(0), shape)
     x = jax.random.normal(jax.random.key(1), (2, *shape))
-    y = layer.apply(params, x)
+    y = jax.jit(layer.apply)(params, x)  # one program (test_protocol runs each one eagerly)
     assert y.shape == (2, *layer.output_shape(shape))
     assert y.dtype == jnp.float32
 
