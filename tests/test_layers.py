@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import funcnet as fn
+from funcnet.nn import base
 
 SPATIAL = (9, 8, 3)
 LAYERS = [
@@ -131,6 +132,75 @@ def test_serial_init_uses_independent_keys_per_layer():
     net = fn.Serial([fn.Dense(4), fn.Dense(4)])
     p = net.init(jax.random.key(0), (4,))
     assert not np.allclose(p[0]["w"], p[1]["w"])
+
+
+def _compiles(fn_, *args):
+    """(result, how many XLA programs ``fn_(*args)`` compiled)."""
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = jax.block_until_ready(fn_(*args))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out, len(seen)
+
+
+def test_init_of_a_network_is_one_program_with_the_values_of_op_by_op():
+    # a network no other test initialises on this shape: nothing cached yet
+    net = fn.Serial([fn.Conv(3, 3), fn.BatchNorm(), fn.ReLU(),
+                     fn.Serial([fn.Dense(5), fn.Dropout(0.5)]), fn.Dense(2)])
+    key = jax.random.key(4)
+    params, n = _compiles(net.init, key, [5, 6, 2])  # a list shape is fine too
+    assert n == 1
+    again, n = _compiles(dataclasses.replace(net).init, key, (5, 6, 2))  # an equal net
+    assert n == 0
+    eager = net.init_params(key, (5, 6, 2))  # called directly: initializer by initializer
+    for a, b, c in zip(*map(jax.tree_util.tree_leaves, (params, again, eager)), strict=True):
+        assert a.dtype == c.dtype
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
+    # inside a trace it runs in place: jit, vmap (an ensemble), eval_shape
+    jitted = jax.jit(net.init, static_argnums=1)(key, (5, 6, 2))
+    for a, b in zip(*map(jax.tree_util.tree_leaves, (jitted, params)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    stacked = jax.vmap(net.init, in_axes=(0, None))(jax.random.split(key, 3), (5, 6, 2))
+    assert jax.tree_util.tree_leaves(stacked)[0].shape[0] == 3
+    # a network without parameters: its empty structure, nothing compiled
+    empty, n = _compiles(fn.Serial([fn.ReLU(), fn.Flatten()]).init, key, (3, 2))
+    assert empty == ({}, {}) and n == 0
+
+
+def test_param_limit_is_checked_on_every_init_even_with_a_compiled_program():
+    net = fn.Serial([fn.Dense(7), fn.Dense(3)])
+    net.init(jax.random.key(0), (9,))  # 94 parameters: compiled and cached
+    previous = base.set_param_limit(50)
+    try:
+        with pytest.raises(ValueError, match="94 parameters"):
+            net.init(jax.random.key(0), (9,))
+    finally:
+        base.set_param_limit(previous)
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnhashableDense(fn.Dense):
+    """A layer that cannot be a static jit argument (a user's unhashable layer)."""
+
+    __hash__ = None
+
+
+def test_an_unhashable_layer_is_initialised_op_by_op():
+    layer = _UnhashableDense(4)
+    with pytest.raises(TypeError):
+        hash(layer)
+    params = layer.init(jax.random.key(2), (3,))
+    expected = fn.Dense(4).init(jax.random.key(2), (3,))
+    np.testing.assert_array_equal(params["w"], expected["w"])
+    np.testing.assert_array_equal(params["b"], expected["b"])
 
 
 def test_default_initializers_are_lecun_normal_and_zero_bias():

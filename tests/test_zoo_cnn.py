@@ -52,8 +52,8 @@ def _check_summary(net, expected_params, in_shape=IMAGENET):
 
 
 def _quick_params(net, in_shape, seed=0, dtype=np.float32):
-    """Random params of the right shapes, drawn with NumPy (``net.init``'s per-leaf
-    initializers take seconds to dispatch or compile for a deep network): weights
+    """Random params of the right shapes, drawn with NumPy on the host: nothing to compile
+    (``net.init`` compiles one program per network and input shape): weights
     ``N(0, 1 / fan_in)``, vectors (biases, BatchNorm scales) ``1 + N(0, 0.1^2)``."""
     rng = np.random.default_rng(seed)
 
