@@ -159,8 +159,19 @@ def choose_grad(net: Any, grad: str | ValueAndGrad = "auto") -> str | ValueAndGr
     return grad
 
 
-def resolve_grad(grad: str | ValueAndGrad) -> ValueAndGrad:
-    """The ``value_and_grad(net, loss_fn)`` factory for ``grad`` (a name or a callable)."""
+def resolve_grad(grad: str | ValueAndGrad, net: Any = None) -> ValueAndGrad:
+    """The ``value_and_grad(net, loss_fn)`` factory for ``grad`` (a name or a callable).
+
+    ``"auto"`` depends on the network (:func:`choose_grad`): pass it as ``net``.
+    """
+    if isinstance(grad, str) and grad == "auto":
+        if net is None:
+            raise ValueError(
+                "grad='auto' picks the gradient from the network (choose_grad): pass "
+                "net=, or one of "
+                f"{sorted(GRAD_MODES)}"
+            )
+        grad = choose_grad(net, grad)
     if isinstance(grad, str):
         if grad not in GRAD_MODES:
             raise ValueError(

@@ -303,6 +303,22 @@ def test_choose_epoch_mode():
     assert train.choose_epoch_mode(cnn, "loop") == "loop"
 
 
+def test_resolve_grad_takes_auto_with_the_network():
+    from funcnet import vjp
+
+    mlp, cnn = models.mlp([8], 3), models.digits_cnn()
+    assert train.resolve_grad("auto", cnn) is vjp.value_and_grad  # hand rules for a conv net
+    assert train.resolve_grad("auto", net=mlp) is train.autodiff_value_and_grad
+    assert train.resolve_grad("manual") is vjp.value_and_grad
+    assert train.resolve_grad("autodiff", cnn) is train.autodiff_value_and_grad
+    with pytest.raises(ValueError, match="grad='auto' picks the gradient from the network"):
+        train.resolve_grad("auto")
+    with pytest.raises(ValueError, match="got 'fast'"):
+        train.resolve_grad("fast", cnn)
+    with pytest.raises(TypeError, match="got 3"):
+        train.resolve_grad(3)
+
+
 def test_fit_scans_a_conv_net_by_default_and_loops_it_with_autodiff(monkeypatch):
     # which runner fit builds, seen through EpochRunner's mode
     modes = []
