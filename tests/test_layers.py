@@ -170,6 +170,8 @@ def test_init_of_a_network_is_one_program_with_the_values_of_op_by_op():
         np.testing.assert_array_equal(a, b)
     stacked = jax.vmap(net.init, in_axes=(0, None))(jax.random.split(key, 3), (5, 6, 2))
     assert jax.tree_util.tree_leaves(stacked)[0].shape[0] == 3
+    shapes = jax.eval_shape(lambda k: net.init(k, (5, 6, 2)), key)
+    assert shapes == net.param_shapes((5, 6, 2))
     # a network without parameters: its empty structure, nothing compiled
     empty, n = _compiles(fn.Serial([fn.ReLU(), fn.Flatten()]).init, key, (3, 2))
     assert empty == ({}, {}) and n == 0
