@@ -503,8 +503,8 @@ class ArrayBatches:
     ``ArrayBatches(x, y, batch_size)`` reads a batch's rows of ``x`` and ``y`` only when
     the batch is asked for: from numpy arrays, memory-mapped files
     (``np.load(path, mmap_mode="r")``, ``read_idx(path, mmap=True)``) or anything with a
-    ``shape`` that takes an increasing integer index array along its first axis (an
-    ``h5py`` data set). Training from a memory map then holds about one batch of the data
+    ``shape`` that takes a strictly increasing integer index array along its first axis
+    (an ``h5py`` data set). Training from a memory map then holds about one batch of the data
     in memory, where ``fit(net, params, x, y)`` holds a copy of the data set on the device.
 
     ``source(epoch)`` returns an iterator over the batches of ``epoch`` (0-based):
@@ -582,11 +582,10 @@ class ArrayBatches:
     def _read(self, a: Any, idx: np.ndarray) -> np.ndarray:
         if idx.size == 0:
             return np.asarray(a[np.arange(0)])
-        sort = np.argsort(idx, kind="stable")  # increasing indices: kind to files (h5py)
-        rows = np.asarray(a[idx[sort]])
-        out = np.empty_like(rows)
-        out[sort] = rows
-        return out
+        # each row read once, in strictly increasing order (h5py refuses anything else;
+        # a process's padded last batch repeats index 0)
+        unique, inverse = np.unique(idx, return_inverse=True)
+        return np.asarray(a[unique])[inverse.reshape(-1)]
 
     def __call__(self, epoch: int):
         order = self.order(epoch)

@@ -90,6 +90,36 @@ def test_array_batches_drop_remainder_and_processes(xy):
     np.testing.assert_array_equal(np.concatenate([y0, y1[:3]]), full[4][1])
 
 
+class _IncreasingOnly:
+    """An array that, like an h5py data set, takes only strictly increasing indices."""
+
+    def __init__(self, a):
+        self.a, self.shape, self.dtype = a, a.shape, a.dtype
+        self.reads = []
+
+    def __len__(self):
+        return len(self.a)
+
+    def __getitem__(self, idx):
+        idx = np.asarray(idx)
+        if np.any(np.diff(idx) <= 0):
+            raise TypeError("Indexing elements must be in increasing order")
+        self.reads.append(idx.size)
+        return self.a[idx]
+
+
+def test_array_batches_read_strictly_increasing_rows_even_when_padded(xy):
+    x, y = xy
+    for i in range(2):  # process 1's last batch: 3 rows padded with index 0 five times
+        fx, fy = _IncreasingOnly(x), _IncreasingOnly(y)
+        got = list(data.ArrayBatches(fx, fy, BS, seed=2, process=(i, 2))(1))
+        want = list(data.ArrayBatches(x, y, BS, seed=2, process=(i, 2))(1))
+        for g, w in zip(got, want, strict=True):
+            for a, b in zip(g, w, strict=True):
+                np.testing.assert_array_equal(a, b)
+        assert fx.reads[-1] == (8 if i == 0 else 4)  # the padding rows read once
+
+
 def test_array_batches_transform_is_seeded(xy):
     x, y = xy
     calls = []
