@@ -1654,19 +1654,28 @@ def _non_finite_epoch(epoch, metrics, state, start_state, history, runner, updat
         else:  # cannot happen with a deterministic step; the epoch's start is finite
             state = start_state
             metrics = dict(metrics, finite=np.zeros_like(metrics["finite"]))
-    _raise_non_finite(epoch, metrics, state, history, runner)
+    _raise_non_finite(epoch, metrics, state, history, runner,
+                      update_args[1].get("precision"))
 
 
-def _raise_non_finite(epoch, metrics, state, history, runner):
+def _raise_non_finite(epoch, metrics, state, history, runner, policy=None):
     bad = np.flatnonzero(~metrics["finite"])
     i = int(bad[0]) if bad.size else 0
     value = float(metrics["objective"][i])
     global_step = int(state.step)
+    scale = None if policy is None else policy.loss_scale
+    if scale is not None and scale != 1 and np.isfinite(value):
+        # a finite loss whose scaled gradient is not: the loss scale overflowed
+        hint = (f"the loss is finite, so the gradient of the loss times the loss scale "
+                f"{scale:g} overflowed {jnp.dtype(policy.compute_dtype).name}: lower the "
+                f"scale (precision.Policy({jnp.dtype(policy.compute_dtype).name}, "
+                f"loss_scale=...)), or use bfloat16")
+    else:
+        hint = "check the data for NaN / inf or huge values, and the learning rate"
     raise NonFiniteLossError(
         f"fit: non-finite loss, gradient or update (loss {value}) at epoch {epoch + 1}, "
         f"step {i + 1} of {len(metrics['finite'])} (after {global_step} updates); training "
-        f"stopped and the last finite parameters are kept in the error's .state (check the "
-        f"data for NaN / inf or huge values, and the learning rate)",
+        f"stopped and the last finite parameters are kept in the error's .state ({hint})",
         epoch=epoch + 1, step=i + 1, global_step=global_step, value=value, state=state,
         history=history,
     )

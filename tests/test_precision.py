@@ -312,6 +312,29 @@ def test_float16_overflowing_scaled_gradient_skips_the_step(grad):
         assert all(jax.tree_util.tree_leaves(same)) is (not applied)
 
 
+def test_fit_names_an_overflowing_loss_scale():
+    net, params, _, x, y = problem("mlp")
+
+    def big_loss(o, y):
+        return 100.0 * CE(o, y)
+
+    kw = dict(optimizer=optax.sgd(0.1), epochs=1, batch_size=8, progress=False)
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"loss scale 60000 overflowed float16: lower the scale "
+                             r"\(precision\.Policy\(float16, loss_scale=\.\.\.\)\)"
+                       ) as info:
+        train.fit(net, params, np.asarray(x), np.asarray(y), loss=big_loss,
+                  precision=Policy(jnp.float16, loss_scale=60000.0), **kw)
+    assert np.isfinite(info.value.value) and info.value.global_step == 0
+    # a non-finite loss keeps the data / learning-rate hint, scale or not
+    def nan_loss(o, y):
+        return CE(o, y) * jnp.float32(jnp.nan)
+
+    with pytest.raises(train.NonFiniteLossError, match="check the data for NaN"):
+        train.fit(net, params, np.asarray(x), np.asarray(y), loss=nan_loss,
+                  precision=Policy(jnp.float16, loss_scale=8.0), **kw)
+
+
 def test_policy_defaults_and_parsing():
     assert precision.get_policy(None) is None
     for name in ("bfloat16", "bf16", "BF16", "mixed_bfloat16"):
