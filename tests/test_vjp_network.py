@@ -111,11 +111,12 @@ def test_regularized_value_and_grad_adds_lambda_grad_omega():
         y = jnp.array([0, 2])
         lam = 0.3
         for reg in (regularizers.l2, regularizers.l1):
-            loss, grads = vjp.value_and_grad(net, losses.softmax_cross_entropy, reg, lam)(
-                params, x, y)
-            loss_a, grads_a = jax.value_and_grad(
+            # compiled (op by op, every primitive of both passes compiles its own program)
+            loss, grads = jax.jit(vjp.value_and_grad(net, losses.softmax_cross_entropy, reg,
+                                                     lam))(params, x, y)
+            loss_a, grads_a = jax.jit(jax.value_and_grad(
                 lambda p, reg=reg: losses.softmax_cross_entropy(net.apply(p, x), y)
-                + lam * reg(p))(params)
+                + lam * reg(p)))(params)
             assert abs(float(loss) - float(loss_a)) < 1e-12
             gradcheck.compare({"manual": grads, "autodiff": grads_a}, tol=TOL)
 
