@@ -390,10 +390,16 @@ def test_bce_autodiff_equals_the_hand_rule_at_0_1_and_inside(dtype):
     with jax.enable_x64(dtype == "float64"):
         p = jnp.array([[0.0, 0.0, 1.0, 1.0, 0.3, 0.3]], dtype)
         t = jnp.array([[0.0, 1.0, 0.0, 1.0, 0.0, 1.0]], dtype)
-        auto = jax.grad(fn.losses.binary_cross_entropy, argnums=(0, 1))(p, t)
-        _, res = vjp.losses.binary_cross_entropy_fwd(p, t)
-        hand = vjp.losses.binary_cross_entropy_bwd(res, jnp.ones((), dtype))
-        manual = jax.grad(vjp.manual(fn.losses.binary_cross_entropy), argnums=(0, 1))(p, t)
+
+        @jax.jit  # compiled, as in training (one program, not one per primitive)
+        def gradients(p, t):
+            auto = jax.grad(fn.losses.binary_cross_entropy, argnums=(0, 1))(p, t)
+            _, res = vjp.losses.binary_cross_entropy_fwd(p, t)
+            hand = vjp.losses.binary_cross_entropy_bwd(res, jnp.ones((), dtype))
+            manual = jax.grad(vjp.manual(fn.losses.binary_cross_entropy), argnums=(0, 1))(p, t)
+            return auto, hand, manual
+
+        auto, hand, manual = gradients(p, t)
     for a, h, m in zip(auto, hand, manual, strict=True):
         assert np.all(np.isfinite(a))
         np.testing.assert_allclose(a, h, rtol=1e-6)
@@ -412,8 +418,9 @@ def test_dense_sigmoid_bce_in_float32_has_a_finite_gradient_at_saturation():
     def loss(p):
         return fn.losses.binary_cross_entropy(net.apply(p, x), y)
 
-    value, grads = jax.value_and_grad(loss)(params)
-    m_value, m_grads = vjp.value_and_grad(net, fn.losses.binary_cross_entropy)(params, x, y)
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)  # compiled, as in training
+    m_value, m_grads = jax.jit(vjp.value_and_grad(net, fn.losses.binary_cross_entropy))(
+        params, x, y)
     assert np.isfinite(float(value))
     for a, m in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(m_grads),
                     strict=True):
@@ -473,7 +480,7 @@ def test_gradcheck_check_passes_correct_float32_gradients_and_catches_wrong_ones
     def loss(p):
         return fn.losses.softmax_cross_entropy(net.apply(p, x), y)
 
-    manual = grad_fn(params, x, y)[1]
+    manual = jax.jit(grad_fn)(params, x, y)[1]
     report = gradcheck.check(loss, params, manual=manual)  # float32: h = 1e-3, tol = 1e-2
     assert report.ok
     assert {r.tol for r in report.rows if r.second != "finite diff"} == {1e-2}
