@@ -167,9 +167,8 @@ def resolve_grad(grad: str | ValueAndGrad, net: Any = None) -> ValueAndGrad:
     if isinstance(grad, str) and grad == "auto":
         if net is None:
             raise ValueError(
-                "grad='auto' picks the gradient from the network (choose_grad): pass "
-                "net=, or one of "
-                f"{sorted(GRAD_MODES)}"
+                f"grad='auto' picks the gradient from the network (choose_grad): pass "
+                f"net=, or one of {sorted(GRAD_MODES)}"
             )
         grad = choose_grad(net, grad)
     if isinstance(grad, str):
@@ -890,8 +889,8 @@ def choose_epoch_mode(net: Any, mode: str = "auto", grad: str | ValueAndGrad = "
     if not has_conv(net):
         return "scan"
     grad = choose_grad(net, grad)
-    hand_rules = grad == "manual" if isinstance(grad, str) else grad is _vjp.value_and_grad
-    return "scan" if hand_rules else "loop"
+    factory = GRAD_MODES.get(grad) if isinstance(grad, str) else grad
+    return "scan" if factory is _vjp.value_and_grad else "loop"
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from compile_log import CompileLog
 
 import funcnet as fn
 from funcnet import checkpoint, parallel, train
@@ -75,20 +76,6 @@ class Probe(fn.Layer):
     def forward(self, params, state, x, *, key=None, train=False):
         jax.debug.inspect_array_sharding(x, callback=_record(LABEL[0], x.shape))
         return x, state
-
-
-class CompileLog(logging.Handler):
-    """Counts ``Compiling jit(<name>)`` messages (jax.log_compiles)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    def count(self, name):
-        return sum(m.startswith(f"Compiling jit({name})") for m in self.messages)
 
 
 def mlp():

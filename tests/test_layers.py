@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_log import CompileLog
 
 import funcnet as fn
 from funcnet.nn import base
@@ -134,31 +135,17 @@ def test_serial_init_uses_independent_keys_per_layer():
     assert not np.allclose(p[0]["w"], p[1]["w"])
 
 
-def _compiles(fn_, *args):
-    """(result, how many XLA programs ``fn_(*args)`` compiled)."""
-    seen = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            seen.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        out = jax.block_until_ready(fn_(*args))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return out, len(seen)
-
-
 def test_init_of_a_network_is_one_program_with_the_values_of_op_by_op():
     # a network no other test initialises on this shape: nothing cached yet
     net = fn.Serial([fn.Conv(3, 3), fn.BatchNorm(), fn.ReLU(),
                      fn.Serial([fn.Dense(5), fn.Dropout(0.5)]), fn.Dense(2)])
     key = jax.random.key(4)
-    params, n = _compiles(net.init, key, [5, 6, 2])  # a list shape is fine too
-    assert n == 1
-    again, n = _compiles(dataclasses.replace(net).init, key, (5, 6, 2))  # an equal net
-    assert n == 0
+    with CompileLog() as log:
+        params = net.init(key, [5, 6, 2])  # a list shape is fine too
+    assert log.count("_init_program") == 1 and len(log.messages) == 1, log.messages
+    with CompileLog() as log:
+        again = dataclasses.replace(net).init(key, (5, 6, 2))  # an equal net
+    assert log.messages == []
     eager = net.init_params(key, (5, 6, 2))  # called directly: initializer by initializer
     for a, b, c in zip(*map(jax.tree_util.tree_leaves, (params, again, eager)), strict=True):
         assert a.dtype == c.dtype
@@ -173,8 +160,9 @@ def test_init_of_a_network_is_one_program_with_the_values_of_op_by_op():
     shapes = jax.eval_shape(lambda k: net.init(k, (5, 6, 2)), key)
     assert shapes == net.param_shapes((5, 6, 2))
     # a network without parameters: its empty structure, nothing compiled
-    empty, n = _compiles(fn.Serial([fn.ReLU(), fn.Flatten()]).init, key, (3, 2))
-    assert empty == ({}, {}) and n == 0
+    with CompileLog() as log:
+        empty = fn.Serial([fn.ReLU(), fn.Flatten()]).init(key, (3, 2))
+    assert empty == ({}, {}) and log.messages == []
 
 
 def test_param_limit_is_checked_on_every_init_even_with_a_compiled_program():

@@ -94,11 +94,8 @@ class _IncreasingOnly:
     """An array that, like an h5py data set, takes only strictly increasing indices."""
 
     def __init__(self, a):
-        self.a, self.shape, self.dtype = a, a.shape, a.dtype
+        self.a, self.shape = a, a.shape
         self.reads = []
-
-    def __len__(self):
-        return len(self.a)
 
     def __getitem__(self, idx):
         idx = np.asarray(idx)

@@ -8,7 +8,6 @@ allocates nothing."""
 
 from __future__ import annotations
 
-import logging
 import math
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compile_log import CompileLog
 from test_zoo_cnn import _dense_macs, _f64, _quick_params
 
 import funcnet as fn
@@ -342,26 +342,6 @@ IMAGENET_ZOO = {
 }
 
 
-class _Compiles(logging.Handler):
-    """Collects jax.log_compiles' ``Compiling ...`` messages while in use."""
-
-    def __enter__(self):
-        self.messages = []
-        self.setLevel(logging.DEBUG)
-        self._log = jax.log_compiles(True)
-        self._log.__enter__()
-        logging.getLogger("jax").addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger("jax").removeHandler(self)
-        self._log.__exit__(*exc)
-
-    def emit(self, record):
-        if record.getMessage().startswith("Compiling"):
-            self.messages.append(record.getMessage())
-
-
 def test_the_guards_catch_every_way_to_allocate():
     # With host-to-device transfers disallowed, creating an array eagerly raises: a key,
     # a constant, BatchNorm's running zeros / ones. A network's init runs as one compiled
@@ -380,7 +360,7 @@ def test_the_guards_catch_every_way_to_allocate():
     for net, shape in ((fn.Serial([fn.Conv(5, (3, 3)), fn.ReLU(), fn.Flatten(), fn.Dense(3)]),
                         (7, 6, 2)),
                        (fn.MultiHeadSelfAttention(2), (5, 6))):
-        with _Compiles() as log:
+        with CompileLog() as log:
             net.init(key, shape)
         assert len(log.messages) == 1 and "init_program" in log.messages[0], log.messages
 
@@ -388,7 +368,7 @@ def test_the_guards_catch_every_way_to_allocate():
 @pytest.mark.parametrize("name", IMAGENET_ZOO)
 def test_summary_of_an_imagenet_network_allocates_nothing(name):
     net = IMAGENET_ZOO[name]()
-    with jax.transfer_guard("disallow"), _Compiles() as log:  # see the test above
+    with jax.transfer_guard("disallow"), CompileLog() as log:  # see the test above
         s = fn.summary(net, IMAGENET)
     assert log.messages == []
     assert s.total_flops > 0 and s.total_params > 0
