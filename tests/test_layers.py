@@ -193,6 +193,64 @@ def test_an_unhashable_layer_is_initialised_op_by_op():
     np.testing.assert_array_equal(params["b"], expected["b"])
 
 
+def test_apply_outside_a_trace_is_one_program_with_the_values_of_op_by_op():
+    # a network with state, randomness and a branch, on a shape no other test uses
+    net = fn.Serial([fn.Conv(3, 3), fn.BatchNorm(), fn.ReLU(),
+                     fn.Residual(fn.Serial([fn.Dense(3), fn.Dropout(0.5)])), fn.Flatten(),
+                     fn.Dense(2)])
+    shape = (5, 7, 2)
+    params, state = net.init(jax.random.key(0), shape), net.init_state(shape)
+    x = jax.device_put(np.random.default_rng(1).normal(size=(3, *shape)).astype(np.float32))
+    key = jax.random.key(2)
+    for train in (True, False):
+        with CompileLog() as log:
+            y, new = net.apply_with_state(params, state, x, key=key, train=train)
+        assert log.count("_forward_program") == 1 and len(log.messages) == 1, log.messages
+        with CompileLog() as log:  # the same call again, and an equal network: cached
+            y2, _ = dataclasses.replace(net).apply_with_state(params, state, x, key=key,
+                                                              train=train)
+        assert log.messages == []
+        # op by op (jax.disable_jit) computes the same, and so does the traced forward
+        with jax.disable_jit():
+            y_eager, new_eager = net.apply_with_state(params, state, x, key=key, train=train)
+        y_jit, new_jit = jax.jit(
+            lambda p, s, x, k, t=train: net.apply_with_state(p, s, x, key=k, train=t)
+        )(params, state, x, key)
+        for a in (y2, y_eager, y_jit):
+            np.testing.assert_allclose(a, y, rtol=1e-6, atol=1e-6)
+        for other in (new_eager, new_jit):
+            for a, b in zip(*map(jax.tree_util.tree_leaves, (new, other)), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        if train:  # BatchNorm's running statistics moved
+            assert not np.allclose(new[1]["mean"], state[1]["mean"])
+        else:  # evaluation hands back the very state given, not a copy
+            assert new is state
+    # under grad and vmap the forward runs in place (it is part of their trace)
+    g = jax.grad(lambda p: jnp.sum(net.apply_with_state(p, state, x, key=key)[0]))(params)
+    assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(params)
+    per_example = jax.vmap(lambda e: net.apply_with_state(params, state, e[None])[0])(x)
+    np.testing.assert_allclose(per_example[:, 0], net.apply_with_state(params, state, x)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_an_unhashable_layer_runs_op_by_op_and_a_network_checks_ids_before_compiling():
+    layer = _UnhashableDense(4)
+    params = layer.init(jax.random.key(2), (3,))
+    x = jax.device_put(np.ones((2, 3), np.float32))
+    with CompileLog() as log:
+        y = layer.apply(params, x)
+    assert log.count("_forward_program") == 0
+    np.testing.assert_allclose(y, fn.Dense(4).apply(params, x), rtol=1e-6)
+    # an Embedding deep in a network still sees its concrete ids (the trace cannot)
+    net = fn.Serial([fn.Serial([fn.Embedding(6, 2)]), fn.Flatten(), fn.Dense(1)])
+    p = net.init(jax.random.key(0), (3,))
+    ids = jax.device_put(np.array([[0, 5, 6]], np.int32))
+    with pytest.raises(ValueError, match=r"Serial layer 0: Serial layer 0: Embedding\(6, 2\): "
+                                         r"ids must lie in \[0, 6\), got values in \[0, 6\]"):
+        net.apply(p, ids)
+    assert net.apply(p, ids.at[0, 2].set(1)).shape == (1, 1)
+
+
 def test_default_initializers_are_lecun_normal_and_zero_bias():
     layer = fn.Dense(2000)
     p = layer.init(jax.random.key(0), (500,))

@@ -424,11 +424,36 @@ class Layer:
         ``train=True`` is training mode (Dropout drops with ``key``; BatchNorm uses the
         batch statistics and returns updated running statistics); ``train=False``
         (default) is evaluation and returns ``state`` unchanged.
+
+        Called outside a trace (no argument is a tracer of ``jit``, ``grad``, ``vmap``),
+        the forward pass runs as one compiled program, cached per (layer, ``train``,
+        shapes and dtypes of the arguments), after the checks here and
+        :meth:`check_values`; op by op it would compile and dispatch one small program
+        per operation. A layer that cannot be hashed runs op by op; so does everything
+        under ``jax.disable_jit()`` (to ``print`` inside a custom ``forward``).
         """
         _check_train(self, train)
         x, state = self.check(params, state, x)
         _check_key(self, key, train)
-        return self.forward(params, state, x, key=key, train=train)
+        if _traced((params, state, x, key)) or not _hashable(self):
+            return self.forward(params, state, x, key=key, train=train)
+        self.check_values(x)  # what the trace cannot see (Embedding's ids)
+        y, out = _forward_program(self, params, state, x, key, train)
+        if isinstance(out, tuple):  # the state's structure changed: as the layer gave it
+            return y, out[0]
+        if all(o is None for o in out):  # evaluation: the very state given
+            return y, state
+        leaves, tree = jax.tree_util.tree_flatten(state)
+        new = [old if o is None else o for old, o in zip(leaves, out, strict=True)]
+        return y, jax.tree_util.tree_unflatten(tree, new)
+
+    def check_values(self, x: Any) -> None:
+        """Checks of a concrete network input's *values*, run before the compiled forward
+        pass of :meth:`apply_with_state` (which cannot see them); default none. Embedding
+        checks its ids here; a network asks each of its layers (every layer that takes
+        integer ids sees the network's input, at most reshaped)."""
+        for layer in self.sublayers():
+            layer.check_values(x)
 
     def apply(
         self, params: Any, x: Any, *, key: jax.Array | None = None, train: bool = False
@@ -546,6 +571,29 @@ def _frozen(shape: Any) -> Any:
     if isinstance(shape, (list, tuple)):
         return tuple(_frozen(d) for d in shape)
     return shape
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _forward_program(layer: Layer, params: Any, state: Any, x: Any, key: Any,
+                     train: bool) -> tuple[Any, Any]:
+    """``layer.forward`` as one compiled program per (layer, train, input shapes and
+    dtypes): what :meth:`Layer.apply_with_state` runs outside a trace, after its checks.
+
+    Returns ``(y, out)``. A state leaf the forward pass hands back untouched (all of them
+    in evaluation) comes out as ``None`` in ``out``, the list of the state's leaves, and
+    the caller puts the given array back: the state is returned unchanged, not copied.
+    If the state's structure changed, ``out`` is ``(new_state,)``."""
+    y, new_state = layer.forward(params, state, x, key=key, train=train)
+    leaves, tree = jax.tree_util.tree_flatten(state)
+    new_leaves, new_tree = jax.tree_util.tree_flatten(new_state)
+    if new_tree != tree:
+        return y, (new_state,)
+    return y, [None if n is o else n for n, o in zip(new_leaves, leaves, strict=True)]
+
+
+def _traced(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` is a tracer (inside ``jit``, ``grad``, ``vmap``...)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

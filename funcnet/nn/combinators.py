@@ -147,6 +147,15 @@ class _Combinator(Layer):
         _check_parts(where, "state", state, n)
         return x, state
 
+    def check_values(self, x):
+        for i, part in enumerate(self.parts()):
+            if part is None:  # an identity branch
+                continue
+            try:
+                part.check_values(x)
+            except (ValueError, TypeError) as e:
+                raise self._where(i, e) from e
+
     def _run(self, i, params, state, x, key, train):
         try:
             return self.parts()[i].apply_with_state(params, state, x, key=key, train=train)

@@ -160,6 +160,10 @@ class Embedding(Layer):
             )
         return x
 
+    def check_values(self, x: Any) -> None:
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer):
+            self._check_range(x)  # ids reach an Embedding unchanged (or only reshaped)
+
     def _check_range(self, ids: jax.Array) -> None:
         if isinstance(ids, jax.core.Tracer):
             return  # values unknown under tracing: out-of-range ids give NaN rows
