@@ -5,6 +5,7 @@ in float64); combinators; the fixes that came with the protocol."""
 import dataclasses
 import inspect
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,8 +82,8 @@ def test_every_public_layer_has_an_example_a_rule_flops_and_a_window():
 
 def _x(shape, n=3, seed=1, layer=None):
     if layer is not None and layer.takes_integers():
-        return jax.random.randint(jax.random.key(seed), (n, *shape), 0, layer.num_embeddings)
-    return jax.random.normal(jax.random.key(seed), (n, *shape), jnp.float64)
+        return draw.integers((n, *shape), layer.num_embeddings, seed=seed)
+    return draw.normal((n, *shape), seed=seed, dtype=np.float64)
 
 
 def _f64(tree):
@@ -103,7 +104,7 @@ def test_conformance(cls):
         x = _x(shape, layer=layer)
         ints = layer.takes_integers()
         out_shape = (3, *layer.output_shape(shape))
-        g = jax.random.normal(jax.random.key(3), out_shape, jnp.float64)
+        g = draw.normal(out_shape, seed=3, dtype=np.float64)
 
         def run(params, state, x, key, train):
             y, new_state = layer.apply_with_state(params, state, x, key=key, train=train)
@@ -257,8 +258,14 @@ class _Scale(fn.Layer):
 
     factor: float = dataclasses.field(default=1.0, compare=False)
 
+    def param_specs(self, input_shape):
+        return {"w": input_shape}
+
+    def initializers(self):
+        return {"w": lambda key, shape, dtype: jnp.full(shape, self.factor, dtype)}
+
     def forward(self, params, state, x, *, key=None, train=False):
-        return self.factor * x, state
+        return self.factor * x * params["w"], state
 
     def receptive_field(self, input_shape, rf):
         return rf
@@ -268,14 +275,22 @@ def test_compiled_programs_are_not_shared_between_equal_layers():
     a, b = _Scale(2.0), _Scale(3.0)
     assert a == b and hash(a) == hash(b)
     x = jnp.ones((4, 2))
-    np.testing.assert_allclose(fn.train.predict(a, {}, x), 2 * x)
-    np.testing.assert_allclose(fn.train.predict(b, {}, x), 3 * x)
+    ones = {"w": jnp.ones(2)}
+    np.testing.assert_allclose(fn.train.predict(a, ones, x), 2 * x)
+    np.testing.assert_allclose(fn.train.predict(b, ones, x), 3 * x)
+    # nor by init and apply outside a trace (each one program), also inside a network
+    for net_a, net_b in [(a, b), (fn.Serial([fn.ReLU(), a]), fn.Serial([fn.ReLU(), b]))]:
+        assert net_a == net_b
+        for net, factor in [(net_a, 2.0), (net_b, 3.0)]:
+            params = net.init(jax.random.key(0), (2,))
+            np.testing.assert_allclose(jax.tree_util.tree_leaves(params)[0], [factor] * 2)
+            np.testing.assert_allclose(net.apply(params, x), factor * factor * x)
 
 
 def test_conv_with_half_precision_input_computes_in_the_promoted_dtype():
     conv = fn.Conv(2, 3)
     params = conv.init(jax.random.key(0), (5, 5, 1))
-    x = jax.random.normal(jax.random.key(1), (2, 5, 5, 1))
+    x = draw.normal((2, 5, 5, 1), seed=1)
     ref = conv.apply(params, x)
     for dtype in (jnp.float16, jnp.bfloat16):
         y = conv.apply(params, x.astype(dtype))

@@ -438,7 +438,7 @@ class Layer:
         if _traced((params, state, x, key)) or not _hashable(self):
             return self.forward(params, state, x, key=key, train=train)
         self.check_values(x)  # what the trace cannot see (Embedding's ids)
-        y, out = _forward_program(self, params, state, x, key, train)
+        y, out = _forward_program(_static(self), params, state, x, key, train)
         if isinstance(out, tuple):  # the state's structure changed: as the layer gave it
             return y, out[0]
         if all(o is None for o in out):  # evaluation: the very state given
@@ -574,7 +574,7 @@ def _frozen(shape: Any) -> Any:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _forward_program(layer: Layer, params: Any, state: Any, x: Any, key: Any,
+def _forward_program(static: Any, params: Any, state: Any, x: Any, key: Any,
                      train: bool) -> tuple[Any, Any]:
     """``layer.forward`` as one compiled program per (layer, train, input shapes and
     dtypes): what :meth:`Layer.apply_with_state` runs outside a trace, after its checks.
@@ -583,12 +583,41 @@ def _forward_program(layer: Layer, params: Any, state: Any, x: Any, key: Any,
     in evaluation) comes out as ``None`` in ``out``, the list of the state's leaves, and
     the caller puts the given array back: the state is returned unchanged, not copied.
     If the state's structure changed, ``out`` is ``(new_state,)``."""
-    y, new_state = layer.forward(params, state, x, key=key, train=train)
+    y, new_state = _layer(static).forward(params, state, x, key=key, train=train)
     leaves, tree = jax.tree_util.tree_flatten(state)
     new_leaves, new_tree = jax.tree_util.tree_flatten(new_state)
     if new_tree != tree:
         return y, (new_state,)
     return y, [None if n is o else n for n, o in zip(new_leaves, leaves, strict=True)]
+
+
+class _Identity:
+    """A layer as a static ``jit`` argument compared by identity, not equality."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+
+    def __hash__(self) -> int:
+        return id(self.layer)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.layer is self.layer
+
+
+def _static(layer: Layer) -> Any:
+    """The key of ``layer``'s compiled programs. funcnet's own layers compare every
+    hyper-parameter, so equal networks share programs; a network with any other class
+    in it (a user's layer may leave a field out of equality, and two equal layers then
+    compute different things) is keyed by identity."""
+    if all(type(part).__module__.partition(".")[0] == "funcnet" for part in iter_layers(layer)):
+        return layer
+    return _Identity(layer)
+
+
+def _layer(static: Any) -> Layer:
+    return static.layer if isinstance(static, _Identity) else static
 
 
 def _traced(tree: Any) -> bool:
@@ -597,8 +626,8 @@ def _traced(tree: Any) -> bool:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
-def _init_program(layer: Layer, key: jax.Array, input_shape: Shape) -> Any:
-    return layer.init_params(key, input_shape)
+def _init_program(static: Any, key: jax.Array, input_shape: Shape) -> Any:
+    return _layer(static).init_params(key, input_shape)
 
 
 def run_init(layer: Layer, key: jax.Array, input_shape: Shape, shapes: Any) -> Any:
@@ -608,7 +637,9 @@ def run_init(layer: Layer, key: jax.Array, input_shape: Shape, shapes: Any) -> A
     Op by op, a network's initialisation would compile one small XLA program per
     initializer, parameter shape and key split (tens for a ResNet, each costing
     milliseconds to compile); as one program the work is the same and it compiles once.
-    Layers are frozen dataclasses, hence valid static arguments. Already inside a trace
+    Layers are frozen dataclasses, hence valid static arguments (equal networks of
+    funcnet's layers share a program; one with another class in it is keyed by identity,
+    see :func:`_static`). Already inside a trace
     (``jit``, ``vmap``, ``eval_shape``: ``key`` is a tracer), or for a layer that cannot
     be hashed, it runs in place; with no parameters it returns their empty structure
     without running anything.
@@ -618,7 +649,7 @@ def run_init(layer: Layer, key: jax.Array, input_shape: Shape, shapes: Any) -> A
     static_shape = _frozen(input_shape)
     if isinstance(key, jax.core.Tracer) or not _hashable((layer, static_shape)):
         return layer.init_params(key, input_shape)
-    return _init_program(layer, key, static_shape)
+    return _init_program(_static(layer), key, static_shape)
 
 
 def _hashable(obj: Any) -> bool:
