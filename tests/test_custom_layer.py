@@ -5,6 +5,7 @@ fallback)."""
 import dataclasses
 
 import chex
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,7 +173,7 @@ def test_a_subclass_that_overrides_forward_drops_the_inherited_hand_rule():
     assert not DoubledConv.has_hand_rule()
     net = fn.Serial([DoubledConv(2, 3), fn.Flatten(), fn.Dense(3)])
     params = net.init(jax.random.key(0), (5, 5, 1))
-    x, y = jax.random.normal(jax.random.key(1), (4, 5, 5, 1)), np.arange(4) % 3
+    x, y = draw.normal((4, 5, 5, 1), seed=1), np.arange(4) % 3
     loss = fn.losses.softmax_cross_entropy
     manual = jax.jit(fn.vjp.value_and_grad(net, loss))(params, x, y)  # compiled: one
     auto = jax.jit(jax.value_and_grad(lambda p: loss(net.apply(p, x), y)))(params)  # program

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +53,7 @@ def test_aot_compiled_forward_matches_apply_and_rejects_other_shapes(cnn):
     net, params = cnn
     compiled = graph.compile(net, SHAPE, batch=2)
     assert isinstance(compiled, jax.stages.Compiled)
-    x = jax.random.normal(jax.random.key(1), (2, *SHAPE))
+    x = draw.normal((2, *SHAPE), seed=1)
     np.testing.assert_allclose(compiled(params, x), net.apply(params, x), rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError):
         compiled(params, jnp.ones((3, *SHAPE)))  # an AOT executable never re-traces

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,7 @@ IDS = [repr(layer).replace("\n", "")[:60] for layer, _ in LAYERS]
 @pytest.mark.parametrize("layer,shape", LAYERS, ids=IDS)
 def test_output_shape_equals_the_shape_apply_produces(layer, shape):
     params = layer.init(jax.random.key(0), shape)
-    x = jax.random.normal(jax.random.key(1), (2, *shape))
+    x = draw.normal((2, *shape), seed=1)
     y = jax.jit(layer.apply)(params, x)  # one program (test_protocol runs each one eagerly)
     assert y.shape == (2, *layer.output_shape(shape))
     assert y.dtype == jnp.float32
@@ -115,7 +116,7 @@ def test_serial_is_the_composition_of_its_layers():
     layers = [fn.Dense(3), fn.Tanh(), fn.Dense(2), fn.Softmax()]
     net = fn.Serial(layers)
     params = net.init(jax.random.key(0), (4,))
-    x = jax.random.normal(jax.random.key(1), (5, 4))
+    x = draw.normal((5, 4), seed=1)
     y = x
     for layer, p in zip(layers, params):
         y = layer.apply(p, y)
@@ -290,7 +291,7 @@ def test_relu_derivative_at_zero_is_zero():
 
 
 def test_softmax_sums_to_one_and_is_shift_invariant():
-    x = jax.random.normal(jax.random.key(0), (4, 7)) * 5
+    x = draw.normal((4, 7)) * 5
     s = fn.ops.softmax(x)
     np.testing.assert_allclose(s.sum(-1), 1.0, rtol=1e-6)
     # Shift invariance in float64: in float32, x + 1000 would round x itself.
@@ -318,7 +319,7 @@ def test_flatten_keeps_the_batch():
 def test_vmap_and_grad_apply_to_a_network():
     net = fn.models.digits_cnn()
     params = net.init(jax.random.key(0), (8, 8, 1))
-    x = jax.random.uniform(jax.random.key(1), (3, 8, 8, 1))
+    x = draw.uniform((3, 8, 8, 1), seed=1)
     # jitted: op by op, each transformed primitive would compile its own program
     per_example = jax.jit(jax.vmap(lambda xi: net.apply(params, xi[None])[0]))(x)
     np.testing.assert_allclose(per_example, jax.jit(net.apply)(params, x), rtol=1e-5,

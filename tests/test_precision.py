@@ -3,6 +3,7 @@ parameters, the network forward and backward in bfloat16 / float16, the loss in 
 
 import re
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +41,7 @@ NETS = {"conv": conv_net, "mlp": mlp, "bn": bn_net}
 def problem(name, batch=8, seed=0):
     net, shape = NETS[name](), SHAPES[name]
     params = net.init(jax.random.key(seed), shape)
-    x = jax.random.normal(jax.random.key(seed + 1), (batch, *shape))
+    x = draw.normal((batch, *shape), seed=seed + 1)
     y = jnp.arange(batch) % 10
     return net, params, net.init_state(shape), x, y
 

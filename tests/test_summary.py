@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import resource
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +89,7 @@ def _check_rf_against_brute_force(net, in_shape, poison=False):
     s = fn.summary(net, in_shape)
     rf, jump, c0 = s.rows[-1].receptive_field, s.rows[-1].jump, s.rows[-1].rf_center
     params = net.init(jax.random.key(1), in_shape)
-    x = jax.random.uniform(jax.random.key(2), in_shape, minval=0.5, maxval=1.5)
+    x = draw.uniform(in_shape, seed=2, low=0.5, high=1.5)
     masks = _dependency_masks(net, in_shape, params, x, poison)
     h, w = in_shape[:2]
     dilated = any(getattr(layer, "dilation", (1, 1)) != (1, 1) for layer in net.layers)
@@ -150,7 +151,7 @@ def test_dense_after_flatten_sees_the_whole_input_and_flatten_keeps_the_field():
     assert s.rows[1].receptive_field == (3, 3) and s.rows[1].jump == (None, None)
     assert s.receptive_field == (9, 9)
     params = net.init(jax.random.key(0), (9, 9, 1))
-    x = jax.random.uniform(jax.random.key(1), (9, 9, 1), minval=0.5)
+    x = draw.uniform((9, 9, 1), seed=1, low=0.5)
     g = jax.grad(lambda z: net.apply(params, z[None])[0, 0])(x)
     assert bool(jnp.all(g != 0))  # every input pixel matters to one dense unit
     # A Dense on an (H, W, C) input acts per position, like a 1x1 convolution.

@@ -3,6 +3,7 @@ Dropout trains with fit on the digits in both gradient modes; the running statis
 in training and not in evaluation; each step draws a fresh Dropout key."""
 
 import chex
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,7 +115,7 @@ def test_graph_and_summary_of_a_network_with_state():
     compiled = fn.graph.compile(net, (5, 5, 1), batch=2)
     params = net.init(jax.random.key(0), (5, 5, 1))
     state = jax.tree_util.tree_map(lambda a: a + 0.5, net.init_state((5, 5, 1)))
-    x = jax.random.normal(jax.random.key(1), (2, 5, 5, 1))
+    x = draw.normal((2, 5, 5, 1), seed=1)
     expected = jax.jit(lambda p, s, x: net.apply_with_state(p, s, x)[0])(params, state, x)
     np.testing.assert_allclose(compiled(params, state, x), expected, rtol=1e-5, atol=1e-6)
 

@@ -3,6 +3,7 @@ the rule table covers every public op and layer."""
 
 import inspect
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ def _f64(tree):
 def _check_net(net, in_shape, loss_fn, y, n=3, seed=0):
     with jax.enable_x64(True):
         params = _f64(net.init(jax.random.key(seed), in_shape))
-        x = jax.random.normal(jax.random.key(seed + 1), (n, *in_shape), jnp.float64)
+        x = draw.normal((n, *in_shape), seed=seed + 1, dtype=np.float64)
         loss_m, grads_m = jax.jit(vjp.value_and_grad(net, loss_fn))(params, x, y)
         autodiff = jax.value_and_grad(lambda p: loss_fn(net.apply(p, x), y))
         loss_a, grads_a = jax.jit(autodiff)(params)
@@ -107,7 +108,7 @@ def test_regularized_value_and_grad_adds_lambda_grad_omega():
     net = fn.models.mlp([5], 3)
     with jax.enable_x64(True):
         params = _f64(net.init(jax.random.key(0), (4,)))
-        x = jax.random.normal(jax.random.key(1), (2, 4), jnp.float64)
+        x = draw.normal((2, 4), seed=1, dtype=np.float64)
         y = jnp.array([0, 2])
         lam = 0.3
         for reg in (regularizers.l2, regularizers.l1):

@@ -4,6 +4,7 @@ back-propagation with the hand rules == autodiff."""
 
 import math
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,7 +71,7 @@ def _quick_params(net, in_shape, seed=0, dtype=np.float32):
 def _forward(net, in_shape, num_classes, n=2, seed=0):
     params = _quick_params(net, in_shape, seed)
     state = net.init_state(in_shape)
-    x = jax.random.normal(jax.random.key(seed + 1), (n, *in_shape))
+    x = draw.normal((n, *in_shape), seed=seed + 1)
     run = jax.jit(lambda p, s, x, k: net.apply_with_state(p, s, x, train=True, key=k))
     y, new_state = run(params, state, x, jax.random.key(seed + 2))
     assert y.shape == (n, num_classes)
@@ -145,7 +146,7 @@ def test_resnet18_small_hand_backprop_matches_autodiff():
     with jax.enable_x64(True):
         params = _quick_params(net, in_shape, dtype=np.float64)
         state = _f64(net.init_state(in_shape))
-        x = jax.random.normal(jax.random.key(1), (3, *in_shape), jnp.float64)
+        x = draw.normal((3, *in_shape), seed=1, dtype=np.float64)
         y = jnp.array([0, 2, 1])
         key = jax.random.key(2)
         manual = jax.jit(fn.vjp.value_and_grad_with_state(net, loss_fn), static_argnums=5)

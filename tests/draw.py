@@ -1,0 +1,27 @@
+"""Random test inputs drawn with NumPy and put on the device with ``jax.device_put``.
+
+``jax.random.normal`` run eagerly compiles an XLA program per shape and dtype (about
+0.1 s each at the tests' compile flags) for microseconds of work; inputs whose values are
+arbitrary come from here instead. Float64 arrays stay float64 inside ``jax.enable_x64``.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def normal(shape, seed=0, dtype=np.float32):
+    """Standard normal draws of ``shape``."""
+    return jax.device_put(np.random.default_rng(seed).normal(size=shape).astype(dtype))
+
+
+def uniform(shape, seed=0, low=0.0, high=1.0, dtype=np.float32):
+    """Uniform draws in ``[low, high)`` of ``shape``."""
+    rng = np.random.default_rng(seed)
+    return jax.device_put(rng.uniform(low, high, size=shape).astype(dtype))
+
+
+def integers(shape, high, seed=0, dtype=np.int32):
+    """Integers in ``[0, high)`` of ``shape``."""
+    return jax.device_put(np.random.default_rng(seed).integers(0, high, size=shape, dtype=dtype))
