@@ -392,9 +392,41 @@ def init_state(
     _check_optimizer(optimizer, "init_state")
     _check_leaves(params, "params", "init_state")
     _check_leaves(model_state, "model_state", "init_state")
+    leaves = jax.tree_util.tree_leaves((params, model_state))
+    if _on_one_device(leaves) and _hashable(optimizer):
+        # one compiled program (cached per optimizer and shapes) instead of one per leaf
+        # shape for the copies and the optimizer's zeros
+        return _fresh_state_program(optimizer, params, model_state)
+    return _fresh_state(optimizer, params, model_state)
+
+
+def _fresh_state(optimizer, params, model_state):
+    """:func:`init_state` of checked arguments; ``jnp.array(copy=True)`` makes new buffers
+    also where ``jit`` would hand an input back as its output."""
     params = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), params)
     model_state = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), model_state)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), model_state)
+
+
+_fresh_state_program = jax.jit(_fresh_state, static_argnums=0)
+
+
+def _on_one_device(leaves) -> bool:
+    """Whether the leaves' arrays are all on one device or on the host (not on a mesh:
+    the optimizer's zeros made in a program would not take the parameters' sharding)."""
+    devices = set()
+    for a in leaves:
+        if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
+            devices |= a.sharding.device_set
+    return len(devices) <= 1
+
+
+def _hashable(obj) -> bool:
+    try:
+        hash(obj)
+    except TypeError:
+        return False
+    return True
 
 
 def step_keys(seed: Any) -> jax.Array:

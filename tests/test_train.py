@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compile_log import CompileLog
 
 import funcnet as fn
 from funcnet import data, losses, models, regularizers, train
@@ -155,6 +156,37 @@ def test_make_step_public_api_compiles_once_and_donates():
     for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params),
                     strict=True):  # fmt: skip
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_init_state_is_one_program_of_fresh_buffers_with_the_values_op_by_op():
+    net = fn.Serial([fn.Conv(2, 3), fn.BatchNorm(), fn.Flatten(), fn.Dense(3)])
+    params = net.init(jax.random.key(0), (6, 5, 1))
+    model_state = jax.tree_util.tree_map(lambda a: a + 0.5, net.init_state((6, 5, 1)))
+    opt = optax.adamw(1e-2)
+    with CompileLog() as log:
+        state = train.init_state(params, opt, model_state)
+    assert log.count("_fresh_state") == 1 and len(log.messages) == 1, log.messages
+    with CompileLog() as log:  # cached per optimizer and shapes
+        train.init_state(params, opt, model_state)
+    assert log.messages == []
+    with jax.disable_jit():  # op by op
+        expected = train.init_state(params, opt, model_state)
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(expected)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(expected),
+                    strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # new buffers: donating the state to a step leaves the caller's arrays alive
+    given = jax.tree_util.tree_leaves((params, model_state))
+    made = jax.tree_util.tree_leaves((state.params, state.model_state))
+    for a, b in zip(given, made, strict=True):
+        assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+    # inside a trace it is part of the caller's program; NumPy leaves go to the device
+    traced = jax.jit(lambda p: train.init_state(p, opt).opt_state)(params)
+    np.testing.assert_array_equal(jax.tree_util.tree_leaves(traced)[1],
+                                  jax.tree_util.tree_leaves(expected.opt_state)[1])
+    host = train.init_state(jax.device_get(params), opt)
+    assert isinstance(host.params[0]["w"], jax.Array)
 
 
 def test_grad_modes_unknown_and_plug_in():
