@@ -89,3 +89,27 @@ def compilation_cache_dir() -> Path | None:
         return None
     value = jax.config.jax_compilation_cache_dir
     return Path(value) if value else None
+
+
+class ProgramCache:
+    """In memory: jitted functions (or what holds them) built on objects whose equality
+    cannot vouch for what they compute (a network, a loss, an optimizer), cached by those
+    objects' *identity* and by hashable ``values``. Holds a reference to each object, so
+    an id is never reused while its entry lives; beyond ``size`` entries the oldest goes.
+    Used by ``fit``, ``evaluate`` and ``predict`` (internal)."""
+
+    def __init__(self, size: int = 64):
+        self.size, self.entries = size, {}
+
+    def get(self, build, *objs, values=()):
+        """``build(*objs)``, cached by the identity of ``objs`` and by ``values``."""
+        key = (tuple(id(o) for o in objs), values)
+        hit = self.entries.get(key)
+        if hit is not None:
+            return hit[1]
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        made = build(*objs)
+        self.entries[key] = (objs, made)
+        return made
+

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from funcnet import cache as _cache
 from funcnet import data as _data
 from funcnet import parallel as _parallel
 
@@ -118,6 +119,21 @@ def first_batch(source: Any, where: str) -> tuple[Any, Any, Any]:
     return split_batch(batch, f"{where}: epoch 1, batch 1")
 
 
+def _step_program(update: Callable, mesh: Any) -> Callable:
+    """:class:`StreamRunner`'s jitted step for the step body ``update``."""
+
+    def step(state, x, y, w, active, n):
+        # n: the rows without the transport padding to a multiple of the devices
+        batch = _parallel.constrain_batch((x[:n], y[:n], w[:n]), mesh)
+        return update(state, *batch, active)
+
+    on_mesh = {} if mesh is None else {"out_shardings": _parallel.replicated(mesh)}
+    return jax.jit(step, static_argnums=5, donate_argnums=(0,), **on_mesh)
+
+
+_STEPS = _cache.ProgramCache(16)  # per step body and mesh
+
+
 class StreamRunner:
     """Runs epochs of ``update`` (see ``funcnet.train._make_update``) over a batch source.
 
@@ -144,13 +160,9 @@ class StreamRunner:
         self.num_batches = num_batches(source)
         self.processes = jax.process_count() if mesh is not None else 1
 
-        def step(state, x, y, w, active, n):
-            # n: the rows without the transport padding to a multiple of the devices
-            batch = _parallel.constrain_batch((x[:n], y[:n], w[:n]), mesh)
-            return update(state, *batch, active)
-
-        on_mesh = {} if mesh is None else {"out_shardings": _parallel.replicated(mesh)}
-        self._step = jax.jit(step, static_argnums=5, donate_argnums=(0,), **on_mesh)
+        # the program of an earlier runner with the same step body (fit's are cached per
+        # configuration) and mesh
+        self._step = _STEPS.get(lambda u: _step_program(u, mesh), update, values=(mesh,))
 
     def with_update(self, update: Callable) -> StreamRunner:
         """The same source and batching with another step body (fit's full-guard replay)."""

@@ -54,6 +54,8 @@ from funcnet import parallel as _parallel
 from funcnet import precision as _precision
 from funcnet import streaming as _stream
 from funcnet import vjp as _vjp
+from funcnet.cache import ProgramCache as _ProgramCache
+from funcnet.nn import conv as _conv
 from funcnet.nn.base import Layer, iter_layers, mixes_batch
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
@@ -781,6 +783,43 @@ def epoch_key(seed_key: jax.Array, epoch: int) -> jax.Array:
     return jax.random.fold_in(seed_key, epoch)
 
 
+def _epoch_programs(update, n, bs, shuffle, mesh, last, w_dtype):
+    """:class:`EpochRunner`'s jitted ``(batches, one_step, scan_epoch)`` for the step body
+    ``update`` on ``n`` examples in batches of ``bs``, ``last`` the size of a partial last
+    batch run at its true size (else 0)."""
+    n_scanned = -(-n // bs) - (1 if last else 0)
+
+    def batches(key):
+        idx, w = epoch_batches(key, n, bs, shuffle)
+        return idx, w.astype(w_dtype)
+
+    def gather(x, y, idx, w, i):
+        ib = idx[i]
+        return _parallel.constrain_batch((x[ib], y[ib], w[i]), mesh)
+
+    def one_step(state, x, y, idx, w, i, active):
+        xb, yb, wb = gather(x, y, idx, w, i)
+        return update(state, xb, yb, wb, active)
+
+    def scan_epoch(state, x, y, key, active):
+        idx, w = batches(key)
+
+        def body(carry, i):
+            state, active = carry
+            state, metrics, active = one_step(state, x, y, idx, w, i, active)
+            return (state, active), metrics
+
+        (state, active), metrics = jax.lax.scan(
+            body, (state, active), jnp.arange(n_scanned)
+        )
+        return state, metrics, active
+
+    # with a mesh, whatever comes out is replicated, so the next call's inputs match
+    on_mesh = {} if mesh is None else {"out_shardings": _parallel.replicated(mesh)}
+    return (jax.jit(batches, **on_mesh), jax.jit(one_step, donate_argnums=(0,), **on_mesh),
+            jax.jit(scan_epoch, donate_argnums=(0,), **on_mesh))
+
+
 class EpochRunner:
     """Runs epochs of ``update`` over device-resident ``(x, y)`` in ``"loop"`` or ``"scan"`` mode.
 
@@ -813,40 +852,13 @@ class EpochRunner:
         self.num_batches = -(-self.n // batch_size)
         n, bs = self.n, batch_size
         # the size of a partial last batch run at its true size, else 0
-        self.last = n % bs if exact_last else 0
-        n_scanned = self.num_batches - (1 if self.last else 0)
-        w_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-
-        def batches(key):
-            idx, w = epoch_batches(key, n, bs, shuffle)
-            return idx, w.astype(w_dtype)
-
-        def gather(x, y, idx, w, i):
-            ib = idx[i]
-            return _parallel.constrain_batch((x[ib], y[ib], w[i]), mesh)
-
-        def one_step(state, x, y, idx, w, i, active):
-            xb, yb, wb = gather(x, y, idx, w, i)
-            return update(state, xb, yb, wb, active)
-
-        def scan_epoch(state, x, y, key, active):
-            idx, w = batches(key)
-
-            def body(carry, i):
-                state, active = carry
-                state, metrics, active = one_step(state, x, y, idx, w, i, active)
-                return (state, active), metrics
-
-            (state, active), metrics = jax.lax.scan(
-                body, (state, active), jnp.arange(n_scanned)
-            )
-            return state, metrics, active
-
-        # with a mesh, whatever comes out is replicated, so the next call's inputs match
-        on_mesh = {} if mesh is None else {"out_shardings": _parallel.replicated(mesh)}
-        self._batches = jax.jit(batches, **on_mesh)
-        self._step = jax.jit(one_step, donate_argnums=(0,), **on_mesh)
-        self._epoch = jax.jit(scan_epoch, donate_argnums=(0,), **on_mesh)
+        self.last = last = n % bs if exact_last else 0
+        w_dtype = jnp.dtype(x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
+        # the programs of an earlier runner with the same step body (fit's are cached per
+        # configuration, see _fit_update) and batching
+        self._batches, self._step, self._epoch = _RUNNER_PROGRAMS.get(
+            lambda u: _epoch_programs(u, n, bs, shuffle, mesh, last, w_dtype),
+            update, values=(n, bs, shuffle, mesh, last, w_dtype))
         self._steps = [jnp.asarray(i, jnp.int32) for i in range(self.num_batches)]
 
     def with_update(self, update) -> EpochRunner:
@@ -930,27 +942,31 @@ def choose_epoch_mode(net: Any, mode: str = "auto", grad: str | ValueAndGrad = "
 # ---------------------------------------------------------------------------------------
 
 
-class _ProgramCache:
-    """Compiled programs keyed by the *identity* of the network and loss (never by
-    equality: two custom layers that compare equal may still compute different things).
-    Holds a reference to each key so an id is never reused while its entry lives."""
-
-    def __init__(self, size: int = 64):
-        self.size, self.entries = size, {}
-
-    def get(self, build, *objs):
-        key = tuple(id(o) for o in objs)
-        hit = self.entries.get(key)
-        if hit is not None:
-            return hit[1]
-        if len(self.entries) >= self.size:
-            self.entries.pop(next(iter(self.entries)))
-        fn = build(*objs)
-        self.entries[key] = (objs, fn)
-        return fn
-
-
 _PROGRAMS = _ProgramCache()
+_RUNNER_PROGRAMS = _ProgramCache(16)  # EpochRunner's, per step body and batching
+_UPDATES = _ProgramCache(16)  # fit's step bodies, per configuration
+
+
+def _fit_update(update_args: tuple, update_kw: dict, guard: str = "loss") -> Callable:
+    """``_make_update(*update_args, guard=guard, **update_kw)``, the same object for the
+    same configuration, so that a later ``fit`` of the same network, loss and optimizer
+    runs the programs an earlier one compiled (as Keras reuses its train function).
+
+    Keyed by the *identity* of the network, loss, optimizer, regularizer and a callable
+    ``grad`` (equality cannot vouch for what they compute) and by the value of the rest,
+    including :func:`funcnet.nn.conv.plain_formulations`, which changes what is traced.
+    Values that cannot be hashed (a wrong argument) skip the cache and meet the checks.
+    """
+    net, loss, optimizer, regularizer, lam, grad, seed, where = update_args
+    objs = (net, loss, optimizer, regularizer, None if isinstance(grad, str) else grad)
+    values = (lam, grad if isinstance(grad, str) else None, seed, where, guard,
+              tuple(sorted(update_kw.items())), _conv._PLAIN["on"])
+    try:
+        hash(values)
+    except TypeError:
+        return _make_update(*update_args, guard=guard, **update_kw)
+    return _UPDATES.get(lambda *_: _make_update(*update_args, guard=guard, **update_kw),
+                        *objs, values=values)
 
 
 def _eval_fn(net, loss_fn, mesh=None):
@@ -1368,6 +1384,9 @@ def fit(
     appends to the history: ``loss`` / ``accuracy`` (running means over the epoch's
     steps), ``val_loss`` / ``val_accuracy`` (after the epoch, when ``validation_data`` is
     given) and ``time`` (seconds). Accuracy is ``None`` for non-classification targets.
+    A later ``fit`` of the same network, loss and optimizer *objects* with the same
+    settings and data shapes runs the programs this one compiled (16 configurations are
+    kept); a new optimizer object, even an equal one, compiles afresh.
 
     Stopping: after ``epochs``; when the epoch's training loss is ``<= loss_threshold``
     (the lecture's rule, "stop when the loss is small enough"); or when ``val_loss`` has not
@@ -1517,7 +1536,7 @@ def fit(
     # labels of batches already on devices are checked in the step (not on the host)
     update_kw = {"precision": _precision.get_policy(precision, where),
                  "check_labels": streaming}
-    update = _make_update(*update_args, **update_kw)
+    update = _fit_update(update_args, update_kw)
 
     source = None
     if streaming:  # the first batch stands in for the data set in the checks below
@@ -1677,7 +1696,7 @@ def _non_finite_epoch(epoch, metrics, state, start_state, history, runner, updat
     whole updated state at every step and stops at the first bad one."""
     if not bool(_state_finite(state)):
         args, kw = update_args
-        full = runner.with_update(_make_update(*args, guard="full", **kw))
+        full = runner.with_update(_fit_update(args, kw, guard="full"))
         replayed, replay_metrics, active = full.run(_copy(start_state), key, jnp.asarray(True),
                                                     epoch=epoch)
         if not bool(active) and bool(_state_finite(replayed)):

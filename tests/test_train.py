@@ -189,6 +189,33 @@ def test_init_state_is_one_program_of_fresh_buffers_with_the_values_op_by_op():
     assert isinstance(host.params[0]["w"], jax.Array)
 
 
+@pytest.mark.parametrize("mode", ["loop", "scan"])
+def test_a_second_fit_of_the_same_objects_runs_the_programs_of_the_first(mode):
+    x, y = _toy(n=40)
+    net = models.mlp([5], 3)
+    params = net.init(jax.random.key(0), (6,))
+    counting, opt = CountingLoss(), optax.sgd(0.1)
+    kw = dict(epochs=2, batch_size=16, optimizer=opt, epoch_mode=mode, progress=False,
+              grad="autodiff")
+    first = train.fit(net, params, x, y, loss=counting, seed=3, **kw)
+    traces = counting.traces
+    with CompileLog() as log:
+        again = train.fit(net, params, x, y, loss=counting, seed=3, **kw)
+    assert log.count("one_step") == log.count("scan_epoch") == log.count("batches") == 0
+    assert counting.traces == traces  # the step body was not traced again either
+    for a, b in zip(jax.tree_util.tree_leaves(first.state),
+                    jax.tree_util.tree_leaves(again.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert first.history["loss"] == again.history["loss"]
+    # what the step computes with is part of the key: another seed, optimizer object or
+    # data size compiles again (an equal optimizer is not trusted to be the same)
+    for change in ({"seed": 4}, {"optimizer": optax.sgd(0.1)}, {"n": 39}):
+        n = change.pop("n", 40)
+        with CompileLog() as log:
+            train.fit(net, params, x[:n], y[:n], loss=counting, **{"seed": 3, **kw, **change})
+        assert log.count("one_step" if mode == "loop" else "scan_epoch") == 1, change
+
+
 def test_grad_modes_unknown_and_plug_in():
     net = models.mlp([8], 3)
     with pytest.raises(ValueError, match=r"grad must be one of \['autodiff', 'manual'\].*got 'numeric'"):
