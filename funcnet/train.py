@@ -56,7 +56,7 @@ from funcnet import streaming as _stream
 from funcnet import vjp as _vjp
 from funcnet.cache import ProgramCache as _ProgramCache
 from funcnet.nn import conv as _conv
-from funcnet.nn.base import Layer, iter_layers, mixes_batch
+from funcnet.nn.base import Layer, _hashable, iter_layers, mixes_batch
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
 ValueAndGrad = Callable[[Any, Loss], Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]]
@@ -421,14 +421,6 @@ def _on_one_device(leaves) -> bool:
         if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
             devices |= a.sharding.device_set
     return len(devices) <= 1
-
-
-def _hashable(obj) -> bool:
-    try:
-        hash(obj)
-    except TypeError:
-        return False
-    return True
 
 
 def step_keys(seed: Any) -> jax.Array:
