@@ -108,8 +108,8 @@ def test_locally_connected_matches_numpy_loops(stride, padding, dilation):
     x = rng.standard_normal((2, 7, 6, 2))
     layer = fn.LocallyConnected(3, (3, 2), stride=stride, padding=padding, dilation=dilation)
     with jax.enable_x64(True):
-        params = layer.init(jax.random.key(0), x.shape[1:])
-        params = {k: jax.device_put(rng.standard_normal(v.shape)) for k, v in params.items()}
+        params = {k: jax.device_put(rng.standard_normal(v.shape))
+                  for k, v in layer.param_shapes(x.shape[1:]).items()}
         y = layer.apply(params, jnp.asarray(x))
         s, d = (stride, stride), (dilation, dilation)
         pads = _pads(padding, x.shape[1:3], (3, 2), s, dilation)

@@ -21,7 +21,7 @@ def _f64(tree):
 
 def _check_net(net, in_shape, loss_fn, y, n=3, seed=0):
     with jax.enable_x64(True):
-        params = _f64(net.init(jax.random.key(seed), in_shape))
+        params = draw.params(net, in_shape, seed, np.float64)  # arbitrary: no init program
         x = draw.normal((n, *in_shape), seed=seed + 1, dtype=np.float64)
         loss_m, grads_m = jax.jit(vjp.value_and_grad(net, loss_fn))(params, x, y)
         autodiff = jax.value_and_grad(lambda p: loss_fn(net.apply(p, x), y))

@@ -52,20 +52,7 @@ def _check_summary(net, expected_params, in_shape=IMAGENET):
     return s
 
 
-def _quick_params(net, in_shape, seed=0, dtype=np.float32):
-    """Random params of the right shapes, drawn with NumPy on the host: nothing to compile
-    (``net.init`` compiles one program per network and input shape): weights
-    ``N(0, 1 / fan_in)``, vectors (biases, BatchNorm scales) ``1 + N(0, 0.1^2)``."""
-    rng = np.random.default_rng(seed)
-
-    def draw(s):
-        if len(s.shape) >= 2:
-            w = rng.normal(size=s.shape) / math.sqrt(math.prod(s.shape[:-1]))
-        else:
-            w = 1.0 + 0.1 * rng.normal(size=s.shape)
-        return jax.device_put(w.astype(dtype))
-
-    return jax.tree_util.tree_map(draw, net.param_shapes(in_shape))
+_quick_params = draw.params  # imported by test_zoo_train and test_onnx
 
 
 def _forward(net, in_shape, num_classes, n=2, seed=0):
