@@ -20,6 +20,9 @@ the default code generator is exercised too). Subprocesses that the tests start
 """
 
 import os
+import sys
+
+import pytest
 
 _FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
@@ -30,3 +33,21 @@ if os.environ.get("FUNCNET_TEST_XLA_DEFAULTS") != "1":
             # XLA reads XLA_FLAGS when its first backend starts, after this import.
             _flags = f"{_flags} {_flag}".strip()
     os.environ["XLA_FLAGS"] = _flags
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """A pytest-xdist worker leaves without tearing down its compiled programs.
+
+    A worker holds about 1,700 compiled XLA programs at the end of the suite; freeing them
+    at interpreter exit costs about 1.3 ms each (measured: ``jax.clear_caches()`` after
+    1,000 small programs, 1.25-1.34 s), and the controller waits for every worker to exit
+    before it reports (8 s of the default suite's wall time, measured with a timeline
+    plugin). By this hook the worker has sent every report and its ``workerfinished``
+    event (pytest-xdist's ``pytest_sessionfinish``), so nothing is lost by leaving now.
+    A plain (one-process) run exits normally.
+    """
+    if hasattr(config, "workerinput"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
