@@ -131,6 +131,18 @@ def _step_program(update: Callable, mesh: Any) -> Callable:
     return jax.jit(step, static_argnums=5, donate_argnums=(0,), **on_mesh)
 
 
+def stack_metrics(collected: list[dict], before: dict | None = None) -> dict[str, jax.Array]:
+    """The per-step metrics dicts ``collected`` as one dict of ``(steps,)`` arrays, after
+    the arrays of ``before`` (a scanned epoch's) if given. Stacked on the host: the epoch's
+    caller reads them there, and ``jnp.stack`` would compile a program per step count."""
+    host = jax.device_get(collected)
+    metrics = {k: np.stack([np.asarray(m[k]) for m in host]) for k in host[0]}
+    if before is not None:
+        metrics = {k: np.concatenate([np.asarray(jax.device_get(before[k])), v])
+                   for k, v in metrics.items()}
+    return {k: jax.device_put(v) for k, v in metrics.items()}
+
+
 _STEPS = _cache.ProgramCache(16)  # per step body and mesh
 
 
@@ -271,8 +283,7 @@ class StreamRunner:
         if not collected:
             raise ValueError(f"{self.where}: the batch source gave no batch for epoch "
                              f"{epoch + 1}")
-        metrics = {k: jnp.stack([m[k] for m in collected]) for k in collected[0]}
-        return state, metrics, active
+        return state, stack_metrics(collected), active
 
     def cache_sizes(self) -> dict[str, int]:
         """How many programs the step holds (1 when every batch has ``batch_size`` rows or

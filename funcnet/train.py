@@ -756,6 +756,11 @@ def epoch_batches(
         )
     nb = -(-n // batch_size)
     pad = nb * batch_size - n
+    if not shuffle and not isinstance(key, jax.core.Tracer):
+        # index arithmetic: built on the host, nothing to compile
+        idx = np.concatenate([np.arange(n, dtype=np.int32), np.zeros(pad, np.int32)])
+        w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+        return jax.device_put((idx.reshape(nb, batch_size), w.reshape(nb, batch_size)))
     order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
     idx = jnp.concatenate([order.astype(jnp.int32), jnp.zeros(pad, jnp.int32)])
     w = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)])
@@ -851,7 +856,7 @@ class EpochRunner:
         self._batches, self._step, self._epoch = _RUNNER_PROGRAMS.get(
             lambda u: _epoch_programs(u, n, bs, shuffle, mesh, last, w_dtype),
             update, values=(n, bs, shuffle, mesh, last, w_dtype))
-        self._steps = [jnp.asarray(i, jnp.int32) for i in range(self.num_batches)]
+        self._steps = [jax.device_put(np.int32(i)) for i in range(self.num_batches)]
 
     def with_update(self, update) -> EpochRunner:
         """The same data and batching with another step body (fit's full-guard replay)."""
@@ -887,10 +892,7 @@ class EpochRunner:
             collected.append(m)
             if on_step is not None:
                 on_step(1)
-        metrics = {k: jnp.stack([m[k] for m in collected]) for k in collected[0]}
-        if scanned is not None:
-            metrics = {k: jnp.concatenate([scanned[k], metrics[k]]) for k in metrics}
-        return state, metrics, active
+        return state, _stream.stack_metrics(collected, scanned), active
 
     def cache_sizes(self) -> dict[str, int]:
         """How many programs each jitted function holds (1 each after any number of epochs)."""
@@ -1003,7 +1005,8 @@ def _build_predict_fn(net, mesh=None):
         return net.apply_with_state(params, model_state, _parallel.constrain_batch(xb, mesh))[0]
 
     def run(params, model_state, x, idx):
-        return jax.lax.map(lambda ib: one(params, model_state, x[ib]), idx)
+        out = jax.lax.map(lambda ib: one(params, model_state, x[ib]), idx)
+        return out.reshape(-1, *out.shape[2:])[:x.shape[0]]  # the batches' rows, unpadded
 
     return jax.jit(run)
 
@@ -1186,7 +1189,7 @@ def evaluate(
     _check_x_fits(net, params, x, where)
     state = _model_state(net, state, x.shape[1:], where)
     idx, w = _eval_batches(x.shape[0], batch_size, x.dtype)
-    args = (params, state, jnp.asarray(x), jnp.asarray(y), idx, w)
+    args = (params, state, _checks.on_device(x), _checks.on_device(y), idx, w)
     if mesh is not None:
         args = _parallel.replicate(args, mesh)
     mean_loss, acc = _eval_fn(net, loss, mesh)(*args)
@@ -1226,8 +1229,7 @@ def predict(
     args = (params, state, x, idx)
     if mesh is not None:
         args = _parallel.replicate(args, mesh)
-    out = _predict_fn(net, mesh)(*args)
-    return out.reshape(-1, *out.shape[2:])[:n]
+    return _predict_fn(net, mesh)(*args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1288,7 +1290,7 @@ def _check_train_state(state: Any, optimizer: Any, where: str = "fit") -> TrainS
             f"{where}: state.opt_state does not match the optimizer: expected {expected}, "
             f"got {got}; make the state with init_state(params, optimizer)"
         )
-    state = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)
+    state = _copy(state)
     return state._replace(step=jnp.asarray(state.step, jnp.int32))
 
 
@@ -1620,7 +1622,7 @@ def fit(
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             start_state = _copy(state)  # the runner donates its input; kept for a replay
-            active = jnp.asarray(True)
+            active = _device_true()
             state, metrics, active = runner.run(
                 state, epoch_key(seed_key, epoch), active,
                 on_step=(bar.update if bar is not None else None), epoch=epoch,
@@ -1641,8 +1643,7 @@ def fit(
                 if vl < best_loss:
                     best_loss, since_best = vl, 0
                     if restore_best:  # copies: the state's buffers are donated next epoch
-                        best_model = jax.tree_util.tree_map(
-                            lambda a: jnp.array(a, copy=True), (state.params, state.model_state))
+                        best_model = _copy((state.params, state.model_state))
                 else:
                     since_best += 1
             history["time"].append(time.perf_counter() - t0)
@@ -1674,10 +1675,22 @@ def fit(
 
 
 def _copy(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
+    """Fresh buffers of ``tree``'s arrays, same shardings and committedness: a device-side
+    copy (``jnp.array(a, copy=True)`` would compile a program per shape and dtype)."""
+    def one(a):
+        if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
+            return jax.device_put(a, may_alias=False)
+        return jnp.array(a, copy=True)
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 _state_finite = jax.jit(_all_finite)
+
+
+def _device_true() -> jax.Array:
+    """A fresh device ``True`` (``jnp.asarray(True)`` compiles a program to make one)."""
+    return jax.device_put(np.asarray(True))
 
 
 def _non_finite_epoch(epoch, metrics, state, start_state, history, runner, update_args, key):
@@ -1689,7 +1702,7 @@ def _non_finite_epoch(epoch, metrics, state, start_state, history, runner, updat
     if not bool(_state_finite(state)):
         args, kw = update_args
         full = runner.with_update(_fit_update(args, kw, guard="full"))
-        replayed, replay_metrics, active = full.run(_copy(start_state), key, jnp.asarray(True),
+        replayed, replay_metrics, active = full.run(_copy(start_state), key, _device_true(),
                                                     epoch=epoch)
         if not bool(active) and bool(_state_finite(replayed)):
             state, metrics = replayed, jax.device_get(replay_metrics)
