@@ -44,3 +44,12 @@ def params(net, in_shape, seed=0, dtype=np.float32):
         return jax.device_put(w.astype(dtype))
 
     return jax.tree_util.tree_map(draw, net.param_shapes(in_shape))
+
+
+def positive_params(net, in_shape, seed=0, dtype=np.float32):
+    """Random parameters of ``net``'s shapes, each uniform in ``[0.1, 1)``: positive weights
+    and biases (no unit's dependence on an input cancels or vanishes), drawn on the host."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda s: jax.device_put(rng.uniform(0.1, 1.0, size=s.shape).astype(dtype)),
+        net.param_shapes(in_shape))

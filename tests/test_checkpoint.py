@@ -6,6 +6,7 @@ import json
 import os
 import zipfile
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,7 @@ from funcnet import checkpoint, models, train
 
 def _tree():
     net = models.mlp([5], 3)
-    params = net.init(jax.random.key(0), (4,))
+    params = draw.params(net, (4,))
     opt_state = optax.adam(1e-3).init(params)
     return {
         "state": train.TrainState(params, opt_state, jnp.asarray(7, jnp.int32)),
@@ -79,12 +80,12 @@ def test_mismatched_template_raises_clear_errors(tmp_path):
     checkpoint.save(path, tree)
 
     wider = dict(tree)
-    wider["state"] = tree["state"]._replace(params=models.mlp([6], 3).init(jax.random.key(0), (4,)))
+    wider["state"] = tree["state"]._replace(params=draw.params(models.mlp([6], 3), (4,)))
     with pytest.raises(checkpoint.CheckpointError, match=r"\.params\[1\]\['b'\].*\(5,\).*\(6,\)"):
         checkpoint.restore(path, wider)
 
     deeper = dict(tree)
-    deeper["state"] = tree["state"]._replace(params=models.mlp([5, 5], 3).init(jax.random.key(0), (4,)))
+    deeper["state"] = tree["state"]._replace(params=draw.params(models.mlp([5, 5], 3), (4,)))
     with pytest.raises(checkpoint.CheckpointError, match="tree structure differs"):
         checkpoint.restore(path, deeper)
 
@@ -183,7 +184,7 @@ def test_resume_from_mid_run_checkpoint_is_bitwise_identical(tmp_path):
     x = s.normal(size=(40, 6)).astype(np.float32)
     y = s.integers(0, 3, size=40).astype(np.int32)
     net = models.mlp([8], 3)
-    params = net.init(jax.random.key(1), (6,))
+    params = draw.params(net, (6,), seed=1)
     kw = dict(optimizer=optax.adam(1e-2), batch_size=16, seed=3, progress=False,
               epoch_mode="loop")  # fmt: skip
 

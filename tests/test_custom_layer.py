@@ -90,7 +90,7 @@ def data():
 def test_protocol_answers():
     assert not CenterGain.has_hand_rule() and Scale.has_hand_rule()
     net = _net()
-    params = net.init(jax.random.key(0), (8, 8, 1))
+    params = draw.params(net, (8, 8, 1))
     assert set(params[2]) == {"gain", "shift"} and set(params[4]) == {"alpha"}
     state = net.init_state((8, 8, 1))
     assert state[2]["mean"].shape == (16,) and net.has_state((8, 8, 1))
@@ -129,7 +129,7 @@ def test_fit_threads_the_state_and_both_gradient_modes_agree(data, grad):
 def test_export_folds_the_state_in(data, tmp_path):
     x, y, xv, _ = data
     net = _net()
-    params = net.init(jax.random.key(0), (8, 8, 1))
+    params = draw.params(net, (8, 8, 1))
     result = train.fit(net, params, x, y, epochs=1, batch_size=64, progress=False)
     path = export.save(tmp_path / "custom.fnx", net, result.params, (8, 8, 1),
                        state=result.model_state)
@@ -144,7 +144,7 @@ def test_export_folds_the_state_in(data, tmp_path):
 def test_checkpoint_round_trip_and_resume_are_bitwise(data, tmp_path):
     x, y, _, _ = data
     net = _net()
-    params = net.init(jax.random.key(0), (8, 8, 1))
+    params = draw.params(net, (8, 8, 1))
     kw = dict(optimizer=optax.adam(1e-2), batch_size=64, progress=False, grad="manual")
     full = train.fit(net, params, x, y, epochs=2, **kw)
     path = tmp_path / "run.ckpt"
@@ -172,7 +172,7 @@ def test_a_subclass_that_overrides_forward_drops_the_inherited_hand_rule():
     assert fn.Conv.has_hand_rule() and SameConv.has_hand_rule()
     assert not DoubledConv.has_hand_rule()
     net = fn.Serial([DoubledConv(2, 3), fn.Flatten(), fn.Dense(3)])
-    params = net.init(jax.random.key(0), (5, 5, 1))
+    params = draw.params(net, (5, 5, 1))
     x, y = draw.normal((4, 5, 5, 1), seed=1), np.arange(4) % 3
     loss = fn.losses.softmax_cross_entropy
     manual = jax.jit(fn.vjp.value_and_grad(net, loss))(params, x, y)  # compiled: one

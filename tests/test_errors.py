@@ -1,5 +1,6 @@
 """Bad configurations and bad inputs raise ValueError / TypeError naming the culprit."""
 
+import draw
 import jax
 import jax.numpy as jnp
 import pytest
@@ -59,7 +60,7 @@ def test_bad_input_shape_is_rejected_at_init_and_output_shape(layer, shape, msg)
 
 def test_bad_input_at_apply_names_layer_expected_and_given():
     conv = fn.Conv(4, 3)
-    params = conv.init(jax.random.key(0), (8, 8, 3))
+    params = draw.params(conv, (8, 8, 3))
     with pytest.raises(ValueError, match=r"Conv\(4, \(3, 3\)\): expected input_shape of rank 3"):
         conv.apply(params, jnp.ones((8, 8, 3)))  # forgot the batch axis
     with pytest.raises(ValueError, match=r"Conv\(4, \(3, 3\)\): param 'w' has shape \(3, 3, 3, 4\), "
@@ -70,7 +71,7 @@ def test_bad_input_at_apply_names_layer_expected_and_given():
     with pytest.raises(ValueError, match=r"Conv\(4, \(3, 3\)\): expected params with keys \['b', 'w'\], got \['w'\]"):
         conv.apply({"w": params["w"]}, jnp.ones((2, 8, 8, 3)))
     dense = fn.Dense(3)
-    p = dense.init(jax.random.key(0), (5,))
+    p = draw.params(dense, (5,))
     with pytest.raises(ValueError, match=r"Dense\(3\): param 'w' has shape \(5, 3\), expected \(4, 3\)"):
         dense.apply(p, jnp.ones((2, 4)))
 
@@ -80,7 +81,7 @@ def test_serial_errors_name_the_layer_index():
     with pytest.raises(ValueError, match=r"Serial layer 2: Conv\(8, \(5, 5\)\): window \(5, 5\)"):
         net.init(jax.random.key(0), (10, 10, 1))
     ok = fn.Serial([fn.Dense(3), fn.Dense(2)])
-    params = ok.init(jax.random.key(0), (4,))
+    params = draw.params(ok, (4,))
     with pytest.raises(ValueError, match=r"Serial: params must be a tuple with one entry per layer \(2\), got tuple of length 1"):
         ok.apply(params[:1], jnp.ones((1, 4)))
     with pytest.raises(ValueError, match=r"Serial layer 0: Dense\(3\): param 'w' has shape \(4, 3\), expected \(6, 3\)"):
@@ -89,7 +90,7 @@ def test_serial_errors_name_the_layer_index():
 
 def test_errors_are_raised_at_trace_time_under_jit():
     net = fn.Serial([fn.Conv(2, 3), fn.Flatten(), fn.Dense(2)])
-    params = net.init(jax.random.key(0), (6, 6, 1))
+    params = draw.params(net, (6, 6, 1))
     with pytest.raises(ValueError, match=r"Serial layer 0: Conv\(2, \(3, 3\)\): param 'w'"):
         jax.jit(net.apply)(params, jnp.ones((2, 6, 6, 2)))
 

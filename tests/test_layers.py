@@ -50,7 +50,7 @@ IDS = [repr(layer).replace("\n", "")[:60] for layer, _ in LAYERS]
 
 @pytest.mark.parametrize("layer,shape", LAYERS, ids=IDS)
 def test_output_shape_equals_the_shape_apply_produces(layer, shape):
-    params = layer.init(jax.random.key(0), shape)
+    params = draw.params(layer, shape)  # arbitrary values: no init program to compile
     x = draw.normal((2, *shape), seed=1)
     y = jax.jit(layer.apply)(params, x)  # one program (test_protocol runs each one eagerly)
     assert y.shape == (2, *layer.output_shape(shape))
@@ -73,8 +73,8 @@ def test_layers_are_hashable_comparable_and_static_jit_arguments(layer, shape):
     assert clone == layer and hash(clone) == hash(layer)
     assert "Array" not in repr(layer)  # layers never hold arrays
     run = jax.jit(lambda lyr, p, x: lyr.apply(p, x), static_argnums=0)
-    params = layer.init(jax.random.key(0), shape)
-    x = jnp.ones((1, *shape))
+    params = draw.params(layer, shape)
+    x = draw.normal((1, *shape))
     np.testing.assert_array_equal(run(layer, params, x), run(clone, params, x))
     assert run._cache_size() == 1  # an equal layer hits the same compiled program
 
@@ -115,7 +115,7 @@ def test_serial_params_are_a_tuple_of_named_dicts():
 def test_serial_is_the_composition_of_its_layers():
     layers = [fn.Dense(3), fn.Tanh(), fn.Dense(2), fn.Softmax()]
     net = fn.Serial(layers)
-    params = net.init(jax.random.key(0), (4,))
+    params = draw.params(net, (4,))
     x = draw.normal((5, 4), seed=1)
     y = x
     for layer, p in zip(layers, params):
@@ -200,7 +200,7 @@ def test_apply_outside_a_trace_is_one_program_with_the_values_of_op_by_op():
                      fn.Residual(fn.Serial([fn.Dense(3), fn.Dropout(0.5)])), fn.Flatten(),
                      fn.Dense(2)])
     shape = (5, 7, 2)
-    params, state = net.init(jax.random.key(0), shape), net.init_state(shape)
+    params, state = draw.params(net, shape), net.init_state(shape)
     x = jax.device_put(np.random.default_rng(1).normal(size=(3, *shape)).astype(np.float32))
     key = jax.random.key(2)
     for train in (True, False):
@@ -247,7 +247,7 @@ def test_an_unhashable_layer_runs_op_by_op_and_a_network_checks_ids_before_compi
     np.testing.assert_allclose(y, fn.Dense(4).apply(params, x), rtol=1e-6)
     # an Embedding deep in a network still sees its concrete ids (the trace cannot)
     net = fn.Serial([fn.Serial([fn.Embedding(6, 2)]), fn.Flatten(), fn.Dense(1)])
-    p = net.init(jax.random.key(0), (3,))
+    p = draw.params(net, (3,))
     ids = jax.device_put(np.array([[0, 5, 6]], np.int32))
     with pytest.raises(ValueError, match=r"Serial layer 0: Serial layer 0: Embedding\(6, 2\): "
                                          r"ids must lie in \[0, 6\), got values in \[0, 6\]"):
@@ -321,7 +321,7 @@ def test_flatten_keeps_the_batch():
 
 def test_vmap_and_grad_apply_to_a_network():
     net = fn.models.digits_cnn()
-    params = net.init(jax.random.key(0), (8, 8, 1))
+    params = draw.params(net, (8, 8, 1))
     x = draw.uniform((3, 8, 8, 1), seed=1)
     # jitted: op by op, each transformed primitive would compile its own program
     per_example = jax.jit(jax.vmap(lambda xi: net.apply(params, xi[None])[0]))(x)

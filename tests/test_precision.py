@@ -38,9 +38,12 @@ SHAPES = {"conv": (8, 8, 2), "mlp": (12,), "bn": (8, 8, 2)}
 NETS = {"conv": conv_net, "mlp": mlp, "bn": bn_net}
 
 
-def problem(name, batch=8, seed=0):
+def problem(name, batch=8, seed=0, init=False):
+    """``(net, params, model_state, x, y)``; ``params`` arbitrary values drawn on the host
+    (no init program to compile), or ``net.init``'s with ``init``."""
     net, shape = NETS[name](), SHAPES[name]
-    params = net.init(jax.random.key(seed), shape)
+    params = (net.init(jax.random.key(seed), shape) if init
+              else draw.params(net, shape, seed=seed))
     x = draw.normal((batch, *shape), seed=seed + 1)
     y = jnp.arange(batch) % 10
     return net, params, net.init_state(shape), x, y
@@ -191,7 +194,7 @@ def rule_case(name):
     train_mode = name != "batch_norm-eval"
     assert type(layer).has_hand_rule()
     rule = vjp.layer_rule(layer)
-    params = layer.init(jax.random.key(0), shape)
+    params = draw.params(layer, shape)
     state = layer.init_state(shape)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, *shape)).astype(np.float32)
@@ -274,7 +277,8 @@ def tiny_loss(o, y):
 
 
 def test_float16_loss_scale_recovers_underflowing_gradients():
-    net, params, model_state, x, y = problem("mlp")
+    # init's weights and zero biases: the gradient magnitudes the thresholds were set for
+    net, params, model_state, x, y = problem("mlp", init=True)
     precs = {"f32": None, "fp16": "float16", "fp16-unscaled": Policy(jnp.float16, loss_scale=1)}
     fns = {f"{grad}-{name}": value_and_grad_fn(net, grad, prec, tiny_loss)
            for grad in ("autodiff", "manual") for name, prec in precs.items()}

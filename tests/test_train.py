@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,9 +66,7 @@ def test_per_example_sgd_with_l2_matches_numpy_lecture_algorithm(mode):
         x = rng.normal(size=(12, 3))
         t = rng.normal(size=(12, 2))
         net = fn.Serial([fn.Dense(4), fn.Sigmoid(), fn.Dense(2)])
-        params = jax.tree_util.tree_map(
-            lambda a: a.astype(jnp.float64), net.init(jax.random.key(0), (3,))
-        )
+        params = draw.params(net, (3,), dtype=np.float64)
         alpha, lam, epochs = 0.3, 0.05, 3
         result = train.fit(
             net, params, x, t, loss=losses.quadratic, optimizer=optax.sgd(alpha),
@@ -94,7 +93,7 @@ def test_per_example_sgd_with_l2_matches_numpy_lecture_algorithm(mode):
 def test_scanned_epoch_equals_loop_for_the_same_key():
     x, y = _toy(n=50)
     net = models.mlp([16], 3)
-    params = net.init(jax.random.key(0), (6,))
+    params = draw.params(net, (6,))
     kw = dict(optimizer=optax.adam(1e-2), epochs=3, batch_size=16, seed=5, progress=False)
     loop = train.fit(net, params, x, y, epoch_mode="loop", **kw)
     scan = train.fit(net, params, x, y, epoch_mode="scan", **kw)
@@ -112,7 +111,7 @@ def test_scanned_epoch_equals_loop_for_the_same_key():
 def test_step_compiles_once_across_steps_epochs_and_partial_batch(mode):
     x, y = _toy(n=50)  # 50 = 3 * 16 + 2: the last batch is partial
     net = models.mlp([8], 3)
-    params = net.init(jax.random.key(0), (6,))
+    params = draw.params(net, (6,))
     counting = CountingLoss()
     result = train.fit(net, params, x, y, loss=counting, epochs=3, batch_size=16,
                        epoch_mode=mode, progress=False)  # fmt: skip
@@ -134,7 +133,7 @@ def test_step_compiles_once_across_steps_epochs_and_partial_batch(mode):
 def test_make_step_public_api_compiles_once_and_donates():
     x, y = _toy(n=32)
     net = models.mlp([8], 3)
-    params = net.init(jax.random.key(0), (6,))
+    params = draw.params(net, (6,))
     counting = CountingLoss()
     step = train.make_step(net, counting, optax.sgd(0.1))
     state = train.init_state(params, optax.sgd(0.1))
@@ -160,7 +159,7 @@ def test_make_step_public_api_compiles_once_and_donates():
 
 def test_init_state_is_one_program_of_fresh_buffers_with_the_values_op_by_op():
     net = fn.Serial([fn.Conv(2, 3), fn.BatchNorm(), fn.Flatten(), fn.Dense(3)])
-    params = net.init(jax.random.key(0), (6, 5, 1))
+    params = draw.params(net, (6, 5, 1))
     model_state = jax.tree_util.tree_map(lambda a: a + 0.5, net.init_state((6, 5, 1)))
     opt = optax.adamw(1e-2)
     with CompileLog() as log:
@@ -193,7 +192,7 @@ def test_init_state_is_one_program_of_fresh_buffers_with_the_values_op_by_op():
 def test_a_second_fit_of_the_same_objects_runs_the_programs_of_the_first(mode):
     x, y = _toy(n=40)
     net = models.mlp([5], 3)
-    params = net.init(jax.random.key(0), (6,))
+    params = draw.params(net, (6,))
     counting, opt = CountingLoss(), optax.sgd(0.1)
     kw = dict(epochs=2, batch_size=16, optimizer=opt, epoch_mode=mode, progress=False,
               grad="autodiff")
@@ -232,7 +231,7 @@ def test_grad_modes_unknown_and_plug_in():
         return train.autodiff_value_and_grad(net_, loss_fn)
 
     x, y = _toy(n=40)
-    params = net.init(jax.random.key(0), (6,))
+    params = draw.params(net, (6,))
     kw = dict(optimizer=optax.sgd(0.1), epochs=2, batch_size=16, progress=False)
     ref = train.fit(net, params, x, y, **kw)
     got = train.fit(net, params, x, y, grad=plug_in, **kw)
@@ -297,7 +296,7 @@ def test_non_finite_loss_stops_with_error_and_keeps_last_finite_params(mode):
     t = np.random.default_rng(2).normal(size=(40, 3)).astype(np.float32)
     t[20, 1] = 3e38  # finite (passes validation), but its squared error overflows to inf
     net = models.mlp([8], 3)
-    params = net.init(jax.random.key(0), (6,))
+    params = draw.params(net, (6,))
     kw = dict(loss=losses.quadratic, optimizer=optax.sgd(0.1), batch_size=8, shuffle=False,
               epoch_mode=mode, progress=False)  # fmt: skip
     with pytest.raises(train.NonFiniteLossError, match="epoch 1, step 3 of 5") as info:
@@ -315,7 +314,7 @@ def test_non_finite_loss_stops_with_error_and_keeps_last_finite_params(mode):
 def test_nan_in_data_and_bad_labels_rejected_before_training():
     x, y = _toy(n=40)
     net = models.mlp([8], 3)
-    params = net.init(jax.random.key(0), (6,))
+    params = draw.params(net, (6,))
     counting = CountingLoss()
 
     def fit(x_, y_, **kw):
@@ -391,7 +390,7 @@ def test_fit_scans_a_conv_net_by_default_and_loops_it_with_autodiff(monkeypatch)
     net = models.digits_cnn()
     x = np.zeros((8, 8, 8, 1), np.float32)
     y = np.arange(8) % 10
-    params = net.init(jax.random.key(0), (8, 8, 1))
+    params = draw.params(net, (8, 8, 1))
     for grad in ("auto", "autodiff"):
         train.fit(net, params, x, y, epochs=1, batch_size=4, grad=grad, progress=False)
     assert modes == ["scan", "loop"]

@@ -1,5 +1,6 @@
 """Training with the hand-written rules (grad="manual") equals training with autodiff."""
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +10,6 @@ import pytest
 import funcnet as fn
 from funcnet import train
 from funcnet.vjp import network as vnet
-
-
-def _f64(tree):
-    return jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a, np.float64)), tree)
 
 
 def _max_rel(a, b):
@@ -42,7 +39,7 @@ def test_manual_steps_give_the_same_parameters_as_autodiff(name, net):
         rng = np.random.default_rng(0)
         x = jax.device_put(rng.standard_normal((8, 7, 7, 1)))
         y = jax.device_put(rng.integers(0, 4, 8))
-        params = _f64(net.init(jax.random.key(0), (7, 7, 1)))
+        params = draw.params(net, (7, 7, 1), dtype=np.float64)
         final = {}
         for grad in ("autodiff", "manual"):
             step = train.make_step(net, fn.losses.softmax_cross_entropy,
@@ -61,7 +58,7 @@ def test_fit_manual_with_partial_batches_and_regularizer_matches_autodiff():
         split = fn.data.digits(seed=0)
         x, y = split.x_train[:75].astype(np.float64), split.y_train[:75]  # 75 = 2 * 32 + 11
         net = fn.models.digits_cnn()
-        params = _f64(net.init(jax.random.key(0), (8, 8, 1)))
+        params = draw.params(net, (8, 8, 1), dtype=np.float64)
         results = {
             grad: fn.train.fit(net, params, x, y, optimizer=optax.sgd(0.05, momentum=0.9),
                                regularizer=fn.regularizers.l1, lam=1e-4, epochs=2,
@@ -113,7 +110,7 @@ def test_default_grad_is_the_hand_rules_for_conv_nets_and_autodiff_otherwise():
     assert train.choose_grad(conv, "autodiff") == "autodiff"
     x, y = jnp.ones((4, 5, 5, 1)), jnp.arange(4) % 3
     for net, same in ((conv, "manual"), (dense, "autodiff")):
-        params = net.init(jax.random.key(0), (5, 5, 1))
+        params = draw.params(net, (5, 5, 1))
         state = train.init_state(params, optax.sgd(0.1))
 
         def text(net=net, state=state, **kw):

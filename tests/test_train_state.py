@@ -58,7 +58,7 @@ def test_resnet_block_with_batchnorm_and_dropout_trains_on_digits(digits, grad):
 
 def test_both_gradient_modes_take_the_same_steps_with_state_and_dropout(digits):
     net = resnet_block_net()
-    params = net.init(jax.random.key(1), (8, 8, 1))
+    params = draw.params(net, (8, 8, 1), seed=1)
     x, y = digits.x_train[:96], digits.y_train[:96]
     states = {}
     for grad in ("autodiff", "manual"):
@@ -80,7 +80,7 @@ def test_every_step_draws_a_fresh_dropout_key():
 
     # a one-parameter model: y = Dropout(w * x); the gradient shows the mask
     wnet = fn.Serial([fn.Dense(8, use_bias=False), net])
-    params = wnet.init(jax.random.key(0), (1,))
+    params = draw.params(wnet, (1,))
     step = train.make_step(wnet, loss, optax.sgd(0.0), donate=False, seed=0)
     state = train.init_state(params, optax.sgd(0.0))
     x, y = jnp.ones((1, 1)), jnp.zeros((1, 8))
@@ -100,7 +100,7 @@ def test_every_step_draws_a_fresh_dropout_key():
 def test_scanned_and_looped_epochs_agree_with_state_and_dropout(digits):
     net = fn.Serial([fn.Flatten(), fn.Dense(32), fn.BatchNorm(), fn.ReLU(), fn.Dropout(0.3),
                      fn.Dense(10)])
-    params = net.init(jax.random.key(0), (8, 8, 1))
+    params = draw.params(net, (8, 8, 1))
     x, y = digits.x_train[:200], digits.y_train[:200]  # 200 = 3 * 64 + 8: a padded batch
     runs = {mode: train.fit(net, params, x, y, epochs=2, batch_size=64, epoch_mode=mode,
                             optimizer=optax.sgd(0.1), progress=False, seed=5)
@@ -113,7 +113,7 @@ def test_graph_and_summary_of_a_network_with_state():
     assert fn.summary(resnet_block_net(), (8, 8, 1)).total_state == 2 * (8 + 8 + 12)
     net = fn.Serial([fn.Conv(3, 3), fn.BatchNorm(), fn.ReLU(), fn.Flatten(), fn.Dense(2)])
     compiled = fn.graph.compile(net, (5, 5, 1), batch=2)
-    params = net.init(jax.random.key(0), (5, 5, 1))
+    params = draw.params(net, (5, 5, 1))
     state = jax.tree_util.tree_map(lambda a: a + 0.5, net.init_state((5, 5, 1)))
     x = draw.normal((2, 5, 5, 1), seed=1)
     expected = jax.jit(lambda p, s, x: net.apply_with_state(p, s, x)[0])(params, state, x)
@@ -130,7 +130,7 @@ def test_last_partial_batch_runs_at_its_true_size_for_batchnorm(mode):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 5)).astype(np.float32)
     y = rng.integers(0, 3, 20)
-    params, state = net.init(jax.random.key(0), (5,)), net.init_state((5,))
+    params, state = draw.params(net, (5,)), net.init_state((5,))
     opt = optax.sgd(0.1)
     result = train.fit(net, params, x, y, optimizer=opt, epochs=1, batch_size=16,
                        shuffle=False, model_state=state, epoch_mode=mode, progress=False)
