@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,9 +170,9 @@ def c(tmp_path_factory):
 
     # -- exports: a float network, an integer-input (Embedding) one, a CUDA-only one ----
     ctx.fnet = fn.Serial([fn.Flatten(), fn.Dense(3)])
-    ctx.fparams = ctx.fnet.init(jax.random.key(0), F_SHAPE)
+    ctx.fparams = draw.params(ctx.fnet, F_SHAPE)
     ctx.enet = fn.Serial([fn.Embedding(10, 4), fn.Flatten(), fn.Dense(3)])
-    ctx.eparams = ctx.enet.init(jax.random.key(1), ID_SHAPE)
+    ctx.eparams = draw.params(ctx.enet, ID_SHAPE, seed=1)
     fpath = export.save(d / "f.fnx", ctx.fnet, ctx.fparams, F_SHAPE)
     epath = export.save(d / "e.fnx", ctx.enet, ctx.eparams, ID_SHAPE, dtype=jnp.int32)
     export.save(d / "cuda.fnx", ctx.fnet, ctx.fparams, F_SHAPE, platforms=("cuda",))

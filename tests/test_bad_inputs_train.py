@@ -11,6 +11,7 @@ import os
 import tempfile
 import types
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +30,7 @@ def d():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 2, 2, 1)).astype(np.float32)
     y = np.array([0, 1, 2, 0], np.int32)
-    params = net.init(jax.random.key(0), (2, 2, 1))
+    params = draw.params(net, (2, 2, 1))
     sgd = optax.sgd(0.1)
     tmp = tempfile.TemporaryDirectory()
     a_file = os.path.join(tmp.name, "a_file")
@@ -328,7 +329,7 @@ def test_integer_input_works_through_fit_evaluate_predict_and_make_step():
     net = fn.Serial([fn.Embedding(5, 2), fn.Flatten(), fn.Dense(3)])
     x = np.array([[0, 1], [2, 3], [4, 0], [1, 1]], np.int32)
     y = np.array([0, 1, 2, 0], np.int32)
-    params = net.init(jax.random.key(0), (2,))
+    params = draw.params(net, (2,))
     r = train.fit(net, params, x, y, epochs=2, batch_size=2, progress=False,
                   validation_data=(x, y), restore_best=True)
     loss, acc = train.evaluate(net, r.params, x, y)

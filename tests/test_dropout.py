@@ -2,6 +2,7 @@
 
 import math
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,7 +152,7 @@ def test_training_without_a_key_names_the_layer():
     with pytest.raises(ValueError, match=r"Dropout\(0\.5\).*key=jax\.random\.key"):
         rule_forward(Dropout(0.5), {}, {}, x, key=None, train=True)
     net = funcnet.Serial([funcnet.Dense(3), Dropout(0.5)])
-    params = net.init(jax.random.key(0), (3,))
+    params = draw.params(net, (3,))
     with pytest.raises(ValueError, match=r"Dropout\(0\.5\).*needs a PRNG key"):
         net.apply(params, x, train=True)
 
@@ -221,7 +222,7 @@ def test_under_jit_with_train_static():
 
 def test_hand_backprop_through_a_network_matches_autodiff():
     net = funcnet.Serial([funcnet.Dense(6), Dropout(0.5), funcnet.Dense(3)])
-    params = net.init(jax.random.key(0), (4,))
+    params = draw.params(net, (4,))
     x, y, k = _x((5, 4)), jnp.array([0, 1, 2, 0, 1]), jax.random.key(9)
     hand = fvjp.value_and_grad_with_state(net, losses.softmax_cross_entropy)
     loss, grads, _, _ = jax.jit(hand, static_argnums=5)(params, {}, x, y, k, True)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import draw
 import jax
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ SHAPE = (8, 8, 1)
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     net = fn.models.digits_cnn()
-    params = net.init(jax.random.key(0), SHAPE)
+    params = draw.params(net, SHAPE)
     path = tmp_path_factory.mktemp("export") / "digits.fnx"
     export.save(path, net, params, SHAPE, metadata={"note": "test"})
     return net, params, path
@@ -106,7 +107,7 @@ def test_wrong_inputs_raise_before_reaching_xla(saved):
 
 def test_fixed_batch(tmp_path):
     net = fn.Serial([fn.Flatten(), fn.Dense(3)])
-    params = net.init(jax.random.key(0), (2, 2))
+    params = draw.params(net, (2, 2))
     path = export.save(tmp_path / "fixed.fnx", net, params, (2, 2), batch=4)
     model = export.load(path)
     assert model(np.ones((4, 2, 2), np.float32)).shape == (4, 3)

@@ -27,7 +27,7 @@ def cnn():
         fn.Conv(4, 3, padding="SAME"), fn.ReLU(), fn.MaxPool(2),
         fn.Flatten(), fn.Dense(10),
     ])  # fmt: skip
-    return net, net.init(jax.random.key(0), SHAPE)
+    return net, draw.params(net, SHAPE)
 
 
 def test_jaxpr_stablehlo_and_hlo_show_the_network(cnn):
@@ -86,7 +86,7 @@ def _mlp_step():
 def test_train_step_costs_more_than_its_forward_pass_and_is_inspectable():
     net, opt, step = _mlp_step()
     shape, batch = (8, 8, 1), 16
-    params = graph.abstract(net.init(jax.random.key(0), shape))
+    params = graph.abstract(draw.params(net, shape))
     assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree_util.tree_leaves(params))
     opt_state = jax.eval_shape(opt.init, params)
     x = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)

@@ -1,5 +1,6 @@
 """Losses equal their formulas, are finite at the extremes; regularizers mask biases out."""
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,7 +95,7 @@ def test_loss_input_errors_name_the_loss_and_the_shapes():
 
 
 def _params():
-    return fn.Serial([fn.Dense(3), fn.ReLU(), fn.Dense(2)]).init(jax.random.key(0), (4,))
+    return draw.params(fn.Serial([fn.Dense(3), fn.ReLU(), fn.Dense(2)]), (4,))
 
 
 def test_l2_and_l1_sum_over_weights_only_by_default():

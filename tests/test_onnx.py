@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,7 +156,7 @@ def test_layer_families(tmp_path, name):
 
 def test_integer_ids_fixed_batch_and_opsets(tmp_path):
     net = fn.Serial([fn.Embedding(10, 4), fn.Flatten(), fn.Dense(3)])
-    params = net.init(jax.random.key(0), (5,))
+    params = draw.params(net, (5,))
     ids = np.random.default_rng(0).integers(0, 10, size=(3, 5))
     for opset in (fonnx.MIN_OPSET, 23):
         path = fonnx.save_onnx(
@@ -183,7 +184,7 @@ SMALL_SHAPE = (2, 2)
 
 @pytest.fixture(scope="module")
 def small_params():
-    return SMALL.init(jax.random.key(0), SMALL_SHAPE)
+    return draw.params(SMALL, SMALL_SHAPE)
 
 
 def test_missing_extra_names_it(tmp_path, monkeypatch, small_params):
@@ -242,7 +243,7 @@ my_square_p.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
 ], ids=["custom_primitive", "reduce_window_mul"])  # fmt: skip
 def test_unconvertible_layer_is_named_and_nothing_is_half_written(tmp_path, activation, reason):
     net = fn.Serial([fn.Conv(2, 1), activation, fn.Flatten(), fn.Dense(2)])
-    params = net.init(jax.random.key(0), (4, 4, 1))
+    params = draw.params(net, (4, 4, 1))
     target = tmp_path / "net.onnx"
     target.write_bytes(b"the previous export")
     with pytest.raises(NotImplementedError) as info:
@@ -264,7 +265,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, small_params):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    other = SMALL.init(jax.random.key(1), SMALL_SHAPE)
+    other = draw.params(SMALL, SMALL_SHAPE, seed=1)
     with pytest.raises(OSError, match="disk full"):
         fonnx.save_onnx(target, SMALL, other, SMALL_SHAPE)
     assert target.read_bytes() == before
@@ -282,7 +283,7 @@ def test_check_onnx_reports_a_mismatch(tmp_path, small_params):
     path = fonnx.save_onnx(tmp_path / "sub" / "net.onnx", SMALL, small_params, SMALL_SHAPE)
     x = np.random.default_rng(0).normal(size=(4, 2, 2))
     assert fonnx.check_onnx(path, SMALL, small_params, x) <= 1e-5
-    other = SMALL.init(jax.random.key(1), SMALL_SHAPE)
+    other = draw.params(SMALL, SMALL_SHAPE, seed=1)
     with pytest.raises(AssertionError, match=r"differs from funcnet's by up to"):
         fonnx.check_onnx(path, SMALL, other, x)
     with pytest.raises(FileNotFoundError, match="no such ONNX file"):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import chex
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,7 +192,7 @@ NET = fn.Serial([fn.Dense(5), fn.BatchNorm(), fn.ReLU(), fn.Dense(3)])
 
 def _calls():
     x, y = _toy()
-    params = NET.init(jax.random.key(0), (4,))
+    params = draw.params(NET, (4,))
     loss, opt = fn.losses.softmax_cross_entropy, optax.sgd(0.1)
     return {
         "fit": lambda d: train.fit(NET, params, x, y, epochs=1, progress=False, devices=d),
@@ -231,7 +232,7 @@ def test_bad_devices_are_named_errors(where, value, error, match):
 
 def test_one_device_mesh_matches_no_mesh():
     x, y = _toy(10)  # batches of 4: the last one partial
-    params = NET.init(jax.random.key(1), (4,))
+    params = draw.params(NET, (4,), seed=1)
     kw = dict(epochs=2, batch_size=4, progress=False, optimizer=optax.sgd(0.1, momentum=0.9))
     plain = train.fit(NET, params, x, y, **kw)
     meshed = train.fit(NET, params, x, y, devices=[jax.devices()[0]], **kw)
@@ -246,7 +247,7 @@ def test_one_device_mesh_matches_no_mesh():
 
 def test_data_on_devices_is_checked_where_it_lives():
     x, y = _toy()
-    params = NET.init(jax.random.key(0), (4,))
+    params = draw.params(NET, (4,))
     xd = jnp.asarray(x).at[5, 2].set(jnp.nan)
     kw = dict(epochs=1, progress=False, devices="all")
     with pytest.raises(ValueError, match=r"^fit: training data: x contains non-finite values "

@@ -3,6 +3,7 @@ the same training as in-memory arrays, one batch in memory at a time, clear erro
 
 import os
 
+import draw
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,7 @@ def bn_conv():
 
 
 def fit(net, x, y=None, **kw):
-    params = net.init(jax.random.key(1), (6, 6, 1))
+    params = draw.params(net, (6, 6, 1), seed=1)
     kw = {"epochs": 2, "seed": 5, "progress": False, "optimizer": optax.adam(1e-2), **kw}
     return train.fit(net, params, x, y, **kw)
 

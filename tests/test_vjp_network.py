@@ -107,7 +107,7 @@ def test_log_softmax_and_quadratic_loss():
 def test_regularized_value_and_grad_adds_lambda_grad_omega():
     net = fn.models.mlp([5], 3)
     with jax.enable_x64(True):
-        params = _f64(net.init(jax.random.key(0), (4,)))
+        params = draw.params(net, (4,), dtype=np.float64)
         x = draw.normal((2, 4), seed=1, dtype=np.float64)
         y = jnp.array([0, 2])
         lam = 0.3
@@ -124,7 +124,7 @@ def test_regularized_value_and_grad_adds_lambda_grad_omega():
 
 def test_value_and_grad_has_jax_value_and_grad_structure_and_names_bad_layers():
     net = fn.models.mlp([3], 2)
-    params = net.init(jax.random.key(0), (4,))
+    params = draw.params(net, (4,))
     x, y = jnp.ones((2, 4)), jnp.array([0, 1])
     loss, grads = vjp.value_and_grad(net, losses.softmax_cross_entropy)(params, x, y)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
