@@ -48,11 +48,16 @@ LAYERS = [
 IDS = [repr(layer).replace("\n", "")[:60] for layer, _ in LAYERS]
 
 
+# the layer a static argument: one compiled program per layer, input shape and dtype,
+# shared by the tests below that run the same layer on the same arguments
+_APPLY = jax.jit(lambda layer, params, x: layer.apply(params, x), static_argnums=0)
+
+
 @pytest.mark.parametrize("layer,shape", LAYERS, ids=IDS)
 def test_output_shape_equals_the_shape_apply_produces(layer, shape):
     params = draw.params(layer, shape)  # arbitrary values: no init program to compile
     x = draw.normal((2, *shape), seed=1)
-    y = jax.jit(layer.apply)(params, x)  # one program (test_protocol runs each one eagerly)
+    y = _APPLY(layer, params, x)  # one program (test_protocol runs each one eagerly)
     assert y.shape == (2, *layer.output_shape(shape))
     assert y.dtype == jnp.float32
 
@@ -72,11 +77,12 @@ def test_layers_are_hashable_comparable_and_static_jit_arguments(layer, shape):
     clone = dataclasses.replace(layer)
     assert clone == layer and hash(clone) == hash(layer)
     assert "Array" not in repr(layer)  # layers never hold arrays
-    run = jax.jit(lambda lyr, p, x: lyr.apply(p, x), static_argnums=0)
     params = draw.params(layer, shape)
-    x = draw.normal((1, *shape))
-    np.testing.assert_array_equal(run(layer, params, x), run(clone, params, x))
-    assert run._cache_size() == 1  # an equal layer hits the same compiled program
+    x = draw.normal((2, *shape), seed=1)
+    y = _APPLY(layer, params, x)
+    programs = _APPLY._cache_size()
+    np.testing.assert_array_equal(_APPLY(clone, params, x), y)
+    assert _APPLY._cache_size() == programs  # an equal layer hits the same compiled program
 
 
 def test_slide_parameter_counts_from_shapes_alone():

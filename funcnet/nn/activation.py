@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from funcnet import _checks
+from funcnet._eager import compiled_when_eager
 from funcnet.nn.base import (
     RF,
     FallbackResiduals,
@@ -93,6 +94,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715  # the cubic coefficient of the tanh approximation
 
 
+@compiled_when_eager()
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
     """Gaussian error linear unit ``x Phi(x)`` (Hendrycks & Gimpel, 2016).
 
@@ -105,6 +107,7 @@ def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
     return jax.nn.gelu(x, approximate=_approximate(approximate, "gelu"))
 
 
+@compiled_when_eager()
 def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     """``y_k = exp(b_k) / sum_l exp(b_l)`` along ``axis`` (computed shift-stably).
 
@@ -114,6 +117,7 @@ def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     return downcast(jax.nn.softmax(upcast(x), axis=_axis(x, axis, "softmax")), x)
 
 
+@compiled_when_eager()
 def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     """``log softmax(x)`` along ``axis``, finite for logits of any magnitude (in float32
     for a bfloat16 / float16 ``x``, the result in ``x``'s dtype)."""

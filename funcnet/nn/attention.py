@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from funcnet import _checks
+from funcnet._eager import compiled_when_eager
 from funcnet.nn.base import (
     DEFAULT_B_INIT,
     DEFAULT_W_INIT,
@@ -136,6 +137,7 @@ def _attend(x, w_qkv, b_qkv, w_out, b_out, h):
     return out, (q, k, v, a, y)
 
 
+@compiled_when_eager()
 def multi_head_self_attention(
     x: jax.Array,
     w_qkv: jax.Array,
@@ -228,6 +230,7 @@ def multi_head_self_attention_bwd(res: AttentionResiduals, g: jax.Array):
 # ---------------------------------------------------------------------------------------
 
 
+@compiled_when_eager()
 def class_token(x: jax.Array, token: jax.Array) -> jax.Array:
     """``(N, T, D), (1, D) -> (N, T + 1, D)``: ``token`` prepended to every sequence."""
     where = "class_token"
@@ -251,6 +254,7 @@ def class_token_bwd(res: ClassTokenResiduals, g: jax.Array):
     return g[:, 1:], jnp.sum(g[:, :1], axis=0)
 
 
+@compiled_when_eager()
 def position_embedding(x: jax.Array, table: jax.Array) -> jax.Array:
     """``(N, T, D) + (T, D) -> (N, T, D)``: a learned table added to every sequence."""
     where = "position_embedding"
@@ -289,6 +293,7 @@ def _token_index(index: Any, t: int, where: str) -> int:
     return index % t
 
 
+@compiled_when_eager()
 def take_token(x: jax.Array, index: int = 0) -> jax.Array:
     """``(N, T, D) -> (N, D)``: token ``index`` of every sequence (ViT's class token)."""
     where = "take_token"

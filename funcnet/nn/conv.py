@@ -51,6 +51,7 @@ from jax import lax
 
 from funcnet import _checks
 from funcnet import geometry as geo
+from funcnet._eager import compiled_when_eager
 from funcnet.geometry import (
     Geometry,
     crop_input,
@@ -87,6 +88,7 @@ def _conv_geometry(x_shape, window, stride, padding, dilation, where):
     return stride, dilation, pads
 
 
+@compiled_when_eager(lambda: _PLAIN["on"])
 def conv2d(
     x: jax.Array,
     w: jax.Array,
@@ -184,6 +186,7 @@ def check_conv2d(x, w, b, stride, padding, dilation, groups=1):
     return _conv_geometry(x.shape, w.shape[:2], stride, padding, dilation, where)
 
 
+@compiled_when_eager(lambda: _PLAIN["on"])
 def extract_patches(
     x: jax.Array, window: tuple[int, int], stride: Any, padding: Any, dilation: Any = 1
 ) -> jax.Array:
@@ -211,6 +214,7 @@ def extract_patches(
     return jnp.transpose(p, (0, 1, 2, 4, 5, 3))
 
 
+@compiled_when_eager(lambda: _PLAIN["on"])
 def locally_connected2d(
     x: jax.Array,
     w: jax.Array,

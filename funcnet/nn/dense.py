@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from funcnet import _checks
+from funcnet._eager import compiled_when_eager
 from funcnet.nn.base import (
     DEFAULT_B_INIT,
     DEFAULT_W_INIT,
@@ -31,6 +32,7 @@ from funcnet.nn.base import (
 # ---------------------------------------------------------------------------------------
 
 
+@compiled_when_eager()
 def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """Affine map over the last axis.
 

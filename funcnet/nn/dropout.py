@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from funcnet._eager import compiled_when_eager
 from funcnet.nn.base import RF, Layer, Rule, Shape, static
 
 # ---------------------------------------------------------------------------------------
@@ -43,12 +44,14 @@ def _check_rate(rate: Any, where: str) -> float:
     return rate
 
 
+@compiled_when_eager()
 def dropout_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
     """A boolean keep-mask of ``shape``: each entry ``True`` with probability ``1 - rate``."""
     rate = _check_rate(rate, "dropout_mask")
     return jax.random.bernoulli(key, 1.0 - rate, shape)
 
 
+@compiled_when_eager()
 def dropout(x: jax.Array, mask: jax.Array, rate: float) -> jax.Array:
     """Inverted dropout with a given keep-mask.
 

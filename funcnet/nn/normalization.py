@@ -43,6 +43,7 @@ import numpy as np
 from jax import lax
 
 from funcnet import _checks
+from funcnet._eager import compiled_when_eager
 from funcnet.nn.base import (
     RF,
     Layer,
@@ -146,6 +147,7 @@ def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return mean, var
 
 
+@compiled_when_eager()
 def batch_norm_train(
     x: jax.Array,
     scale: jax.Array | None = None,
@@ -175,6 +177,7 @@ def batch_norm_train(
     return downcast(y, x, scale, bias)
 
 
+@compiled_when_eager()
 def batch_norm_eval(
     x: jax.Array,
     mean: jax.Array,
@@ -310,6 +313,7 @@ def batch_norm_eval_bwd(res: BatchNormEvalResiduals, g: jax.Array):
 # ---------------------------------------------------------------------------------------
 
 
+@compiled_when_eager()
 def layer_norm(
     x: jax.Array,
     scale: jax.Array | None = None,
@@ -412,6 +416,7 @@ def _lrn_denominator(x: jax.Array, size: int, alpha: float, k: float) -> jax.Arr
     return k + (alpha / size) * _window_sum(jnp.square(x), size // 2, (size - 1) // 2)
 
 
+@compiled_when_eager()
 def local_response_norm(
     x: jax.Array, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0
 ) -> jax.Array:

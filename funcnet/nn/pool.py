@@ -48,6 +48,7 @@ from jax import lax
 
 from funcnet import _checks
 from funcnet import geometry as geo
+from funcnet._eager import compiled_when_eager
 from funcnet.geometry import (
     Geometry,
     crop_input,
@@ -97,6 +98,7 @@ def _reduce(x, init, op, window, stride, pads):
     )
 
 
+@compiled_when_eager()
 def max_pool(x: jax.Array, window: Any, stride: Any = None, padding: Any = "VALID") -> jax.Array:
     """Maximum over each window.
 
@@ -116,6 +118,7 @@ def max_pool(x: jax.Array, window: Any, stride: Any = None, padding: Any = "VALI
     return _reduce(x, -jnp.inf, lax.max, window, stride, pads)
 
 
+@compiled_when_eager()
 def sum_pool(x: jax.Array, window: Any, stride: Any = None, padding: Any = "VALID") -> jax.Array:
     """Sum over each window (zero padding); shapes as :func:`max_pool`."""
     where = "sum_pool"
@@ -133,6 +136,7 @@ def window_counts(
     return _reduce(ones, 0.0, lax.add, window, stride, pads)
 
 
+@compiled_when_eager()
 def avg_pool(
     x: jax.Array,
     window: Any,
@@ -177,6 +181,7 @@ def _check_p(p: Any, where: str) -> float:
     return float(p)
 
 
+@compiled_when_eager()
 def lp_pool(
     x: jax.Array, p: float, window: Any, stride: Any = None, padding: Any = "VALID"
 ) -> jax.Array:
@@ -195,6 +200,7 @@ def lp_pool(
     return _safe_root(_reduce(powered, 0.0, lax.add, window, stride, pads), p)
 
 
+@compiled_when_eager()
 def l2_pool(x: jax.Array, window: Any, stride: Any = None, padding: Any = "VALID") -> jax.Array:
     """``sqrt(sum_{N(x,y)} h'^2)`` over each window: :func:`lp_pool` with ``p = 2``."""
     return lp_pool(x, 2, window, stride, padding)
@@ -213,6 +219,7 @@ def _feature_groups(x: jax.Array, group_size: Any, where: str) -> jax.Array:
     return x.reshape(*x.shape[:-1], c // group_size, group_size)
 
 
+@compiled_when_eager()
 def feature_l2_pool(x: jax.Array, group_size: int) -> jax.Array:
     """L2 pooling over features: ``h_j = sqrt(sum_{k in N(j)} h'_k^2)``.
 
@@ -232,6 +239,7 @@ def feature_l2_pool(x: jax.Array, group_size: int) -> jax.Array:
     return _safe_root(jnp.sum(g * g, axis=-1), 2)
 
 
+@compiled_when_eager()
 def feature_max_pool(x: jax.Array, group_size: int) -> jax.Array:
     """Max over groups of features (maxout): ``h_j = max_{k in N(j)} h'_k``.
 
@@ -477,6 +485,7 @@ RULES = {
 
 
 
+@compiled_when_eager()
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """Mean over every spatial axis: ``(N, ..., C) -> (N, C)`` (ResNet's and GoogLeNet's head)."""
     x = _checks.as_array(x, "input x", "global_avg_pool")
