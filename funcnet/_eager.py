@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -34,7 +35,7 @@ def compiled_when_eager(extra_key: Callable[[], Any] | None = None) -> Callable:
             if jax.config.jax_disable_jit or any(
                     isinstance(leaf, jax.core.Tracer) for leaf in leaves):
                 return f(*args, **kwargs)
-            dynamic = tuple(isinstance(leaf, jax.Array | np.ndarray) for leaf in leaves)
+            dynamic = tuple(_traceable(leaf) for leaf in leaves)
             # with the types: 1, 1.0 and True are equal keys, but a float stride is an error
             statics = tuple(None if d else (type(leaf), leaf)
                             for d, leaf in zip(dynamic, leaves, strict=True))
@@ -50,6 +51,16 @@ def compiled_when_eager(extra_key: Callable[[], Any] | None = None) -> Callable:
         return wrapper
 
     return decorate
+
+
+def _traceable(leaf: Any) -> bool:
+    """A jax array, or a NumPy array of a dtype jit takes (not text or objects: those stay
+    static, unhashable, and the op runs as written and names them)."""
+    if isinstance(leaf, jax.Array):
+        return True
+    if isinstance(leaf, np.ndarray):
+        return leaf.dtype == np.bool_ or bool(jnp.issubdtype(leaf.dtype, jnp.number))
+    return False
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -81,6 +81,8 @@ def test_plain_formulations_is_part_of_the_key():
 def test_errors_are_those_of_the_op():
     with pytest.raises(ValueError, match=r"conv2d: input x has 2 channels"):
         ops.conv2d(jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 3, 1)))
+    with pytest.raises(TypeError, match=r"avg_pool: input x must have a floating dtype .*<U1"):
+        ops.avg_pool(np.array([[["a"]]]), 2)  # text: not a program's argument
     with pytest.raises(TypeError, match=r"dropout: rate must be a float in \[0, 1\)"):
         ops.dropout(X, jnp.ones(X.shape, bool), "half")
     # a layer calls its op inside its own program: unchanged
