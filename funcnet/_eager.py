@@ -47,7 +47,6 @@ def compiled_when_eager(extra_key: Callable[[], Any] | None = None) -> Callable:
             arrays = [leaf for d, leaf in zip(dynamic, leaves, strict=True) if d]
             return _program(f, spec, *arrays)
 
-        wrapper.__wrapped_op__ = f  # the op-by-op function (for tests and tools)
         return wrapper
 
     return decorate
