@@ -1679,7 +1679,10 @@ def _copy(tree: Any) -> Any:
     copy (``jnp.array(a, copy=True)`` would compile a program per shape and dtype)."""
     def one(a):
         if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
-            return jax.device_put(a, may_alias=False)
+            if a.is_fully_addressable:  # keeps an uncommitted array uncommitted
+                return jax.device_put(a, may_alias=False)
+            # an array across processes: each process copies its own shards
+            return jax.device_put(a, a.sharding, may_alias=False)
         return jnp.array(a, copy=True)
 
     return jax.tree_util.tree_map(one, tree)
