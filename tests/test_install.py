@@ -24,8 +24,9 @@ def test_core_dependencies_exclude_the_optional_ones_and_extras_name_them():
         assert f"| `{extra}` |" in readme, extra
 
 
-def test_fit_with_its_defaults_needs_no_optional_dependency():
-    # Block every optional package: importing any of them raises ImportError.
+def test_fit_with_its_defaults_needs_no_optional_dependency_and_digits_names_its_extra():
+    # Block every optional package: importing any of them raises ImportError. One
+    # subprocess for both checks (a fresh interpreter and JAX cost about 2 s each).
     script = f"""
 import sys
 for name in {OPTIONAL!r}:
@@ -36,23 +37,14 @@ x = np.random.default_rng(0).normal(size=(40, 2, 2, 1)).astype(np.float32)
 y = np.arange(40) % 3
 result = fn.train.fit(net, net.init(jax.random.key(0), (2, 2, 1)), x, y, epochs=2)
 print(len(result.history["loss"]), result.stop_reason)
-"""
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["2", "epochs"]
-
-
-def test_digits_without_scikit_learn_names_the_extra():
-    script = """
-import sys
-sys.modules["sklearn"] = None
-import funcnet as fn
 try:
-    fn.data.digits()
+    fn.data.digits()  # scikit-learn's bundled set, behind the data extra
 except ImportError as e:
     print(e)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
-    assert "pip install 'funcnet[data]'" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0, out.stderr
+    fit_line, _, error = out.stdout.partition("\n")
+    assert fit_line.split() == ["2", "epochs"], out.stdout
+    assert "pip install 'funcnet[data]'" in error, out.stdout + out.stderr
