@@ -954,7 +954,7 @@ def _fit_update(update_args: tuple, update_kw: dict, guard: str = "loss") -> Cal
     net, loss, optimizer, regularizer, lam, grad, seed, where = update_args
     objs = (net, loss, optimizer, regularizer, None if isinstance(grad, str) else grad)
     values = (lam, grad if isinstance(grad, str) else None, seed, where, guard,
-              tuple(sorted(update_kw.items())), _conv._PLAIN["on"])
+              tuple(sorted(update_kw.items())), _conv.formulations_key())
     try:
         hash(values)
     except TypeError:

@@ -90,3 +90,18 @@ def test_errors_are_those_of_the_op():
     params = draw.params(net, (9, 7, 3))
     expected = ops.avg_pool(ops.conv2d(X, params[0]["w"], params[0]["b"]), 2)
     np.testing.assert_allclose(net.apply(params, X), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_eager_network_forward_is_keyed_by_plain_formulations_too():
+    net = fn.Serial([fn.Conv(3, 3), fn.Flatten()])  # one channel, stride 1: banded
+    params = draw.params(net, (12, 9, 1))
+    x = draw.normal((2, 12, 9, 1), seed=20)
+    y = net.apply(params, x)
+    with plain_formulations(), CompileLog() as log:
+        plain = net.apply(params, x)
+    assert log.count("_forward_program") == 1, log.messages  # not the banded program
+    np.testing.assert_allclose(plain, y, rtol=1e-5, atol=1e-5)
+    expected = jax.jit(net.apply).lower(params, x).as_text()
+    with plain_formulations():
+        assert "convolution" in jax.jit(net.apply).lower(params, x).as_text()
+    assert "convolution" not in expected

@@ -438,7 +438,10 @@ class Layer:
         if _traced((params, state, x, key)) or not _hashable(self):
             return self.forward(params, state, x, key=key, train=train)
         self.check_values(x)  # what the trace cannot see (Embedding's ids)
-        y, out = _forward_program(_static(self), params, state, x, key, train)
+        from funcnet.nn.conv import formulations_key  # conv builds on this module
+
+        y, out = _forward_program(_static(self), params, state, x, key, train,
+                                  formulations_key())
         if isinstance(out, tuple):  # the state's structure changed: as the layer gave it
             return y, out[0]
         if all(o is None for o in out):  # evaluation: the very state given
@@ -573,16 +576,18 @@ def _frozen(shape: Any) -> Any:
     return shape
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _forward_program(static: Any, params: Any, state: Any, x: Any, key: Any,
-                     train: bool) -> tuple[Any, Any]:
+                     train: bool, formulations: bool) -> tuple[Any, Any]:
     """``layer.forward`` as one compiled program per (layer, train, input shapes and
-    dtypes): what :meth:`Layer.apply_with_state` runs outside a trace, after its checks.
+    dtypes, ``formulations``: see :func:`funcnet.nn.conv.formulations_key`): what
+    :meth:`Layer.apply_with_state` runs outside a trace, after its checks.
 
     Returns ``(y, out)``. A state leaf the forward pass hands back untouched (all of them
     in evaluation) comes out as ``None`` in ``out``, the list of the state's leaves, and
     the caller puts the given array back: the state is returned unchanged, not copied.
     If the state's structure changed, ``out`` is ``(new_state,)``."""
+    del formulations  # a cache key only: the trace reads the flag itself
     y, new_state = _layer(static).forward(params, state, x, key=key, train=train)
     leaves, tree = jax.tree_util.tree_flatten(state)
     new_leaves, new_tree = jax.tree_util.tree_flatten(new_state)

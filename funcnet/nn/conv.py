@@ -88,7 +88,7 @@ def _conv_geometry(x_shape, window, stride, padding, dilation, where):
     return stride, dilation, pads
 
 
-@compiled_when_eager(lambda: _PLAIN["on"])
+@compiled_when_eager(lambda: formulations_key())
 def conv2d(
     x: jax.Array,
     w: jax.Array,
@@ -186,7 +186,7 @@ def check_conv2d(x, w, b, stride, padding, dilation, groups=1):
     return _conv_geometry(x.shape, w.shape[:2], stride, padding, dilation, where)
 
 
-@compiled_when_eager(lambda: _PLAIN["on"])
+@compiled_when_eager(lambda: formulations_key())
 def extract_patches(
     x: jax.Array, window: tuple[int, int], stride: Any, padding: Any, dilation: Any = 1
 ) -> jax.Array:
@@ -214,7 +214,7 @@ def extract_patches(
     return jnp.transpose(p, (0, 1, 2, 4, 5, 3))
 
 
-@compiled_when_eager(lambda: _PLAIN["on"])
+@compiled_when_eager(lambda: formulations_key())
 def locally_connected2d(
     x: jax.Array,
     w: jax.Array,
@@ -302,6 +302,13 @@ class Conv2dResiduals(NamedTuple):
 
 
 _PLAIN = {"on": False}
+
+
+def formulations_key() -> bool:
+    """Whether :func:`plain_formulations` is on: part of the cache key of every compiled
+    program whose trace picks a convolution's formulation (eager ops and forward passes,
+    fit's step bodies), so a program traced with one choice never serves the other."""
+    return _PLAIN["on"]
 
 
 @contextlib.contextmanager
