@@ -780,15 +780,27 @@ def epoch_key(seed_key: jax.Array, epoch: int) -> jax.Array:
     return jax.random.fold_in(seed_key, epoch)
 
 
+def _weighted_batches(key, n, bs, shuffle, w_dtype):
+    idx, w = epoch_batches(key, n, bs, shuffle)
+    return idx, w.astype(w_dtype)
+
+
+def _batch_program(n, bs, shuffle, mesh, w_dtype):
+    """The jitted ``batches(key) -> (idx, w)`` of a looped epoch: it depends on the
+    batching alone, so fits of other networks or optimizers on as many examples share it."""
+    on_mesh = {} if mesh is None else {"out_shardings": _parallel.replicated(mesh)}
+
+    def batches(key):
+        return _weighted_batches(key, n, bs, shuffle, w_dtype)
+
+    return jax.jit(batches, **on_mesh)
+
+
 def _epoch_programs(update, n, bs, shuffle, mesh, last, w_dtype):
     """:class:`EpochRunner`'s jitted ``(batches, one_step, scan_epoch)`` for the step body
     ``update`` on ``n`` examples in batches of ``bs``, ``last`` the size of a partial last
     batch run at its true size (else 0)."""
     n_scanned = -(-n // bs) - (1 if last else 0)
-
-    def batches(key):
-        idx, w = epoch_batches(key, n, bs, shuffle)
-        return idx, w.astype(w_dtype)
 
     def gather(x, y, idx, w, i):
         ib = idx[i]
@@ -799,7 +811,7 @@ def _epoch_programs(update, n, bs, shuffle, mesh, last, w_dtype):
         return update(state, xb, yb, wb, active)
 
     def scan_epoch(state, x, y, key, active):
-        idx, w = batches(key)
+        idx, w = _weighted_batches(key, n, bs, shuffle, w_dtype)
 
         def body(carry, i):
             state, active = carry
@@ -813,7 +825,9 @@ def _epoch_programs(update, n, bs, shuffle, mesh, last, w_dtype):
 
     # with a mesh, whatever comes out is replicated, so the next call's inputs match
     on_mesh = {} if mesh is None else {"out_shardings": _parallel.replicated(mesh)}
-    return (jax.jit(batches, **on_mesh), jax.jit(one_step, donate_argnums=(0,), **on_mesh),
+    shared = _BATCH_PROGRAMS.get(lambda: _batch_program(n, bs, shuffle, mesh, w_dtype),
+                                 values=(n, bs, shuffle, mesh, w_dtype))
+    return (shared, jax.jit(one_step, donate_argnums=(0,), **on_mesh),
             jax.jit(scan_epoch, donate_argnums=(0,), **on_mesh))
 
 
@@ -938,6 +952,7 @@ def choose_epoch_mode(net: Any, mode: str = "auto", grad: str | ValueAndGrad = "
 
 _PROGRAMS = _ProgramCache()
 _RUNNER_PROGRAMS = _ProgramCache(16)  # EpochRunner's, per step body and batching
+_BATCH_PROGRAMS = _ProgramCache(16)  # an epoch's shuffled batches, per batching
 _UPDATES = _ProgramCache(16)  # fit's step bodies, per configuration
 
 
