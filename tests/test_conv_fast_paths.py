@@ -18,24 +18,31 @@ TOL = 1e-12  # relative (per array), float64: only the summation order differs
 
 
 def _case(seed, in_shape, k_shape, stride, padding, dilation):
+    """Arbitrary x, w, upstream g; the hand rule's forward (y, residuals) and lax's
+    y, dx, dw: one compiled program (op by op, each operation compiles its own)."""
     rng = np.random.default_rng(seed)
     x = jax.device_put(rng.standard_normal((2, *in_shape)))
     w = jax.device_put(rng.standard_normal((k_shape[0], k_shape[1], in_shape[2], k_shape[2])))
-    y, res = vconv.conv2d_fwd(x, w, None, stride, padding, dilation)
-    g = jax.device_put(rng.standard_normal(y.shape))
 
-    def ref(x, w):
-        return lax.conv_general_dilated(
-            x, w, res.geom.stride, res.geom.pads, rhs_dilation=res.geom.dilation,
-            dimension_numbers=vconv.DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST,
-        )
+    def forward(x, w):
+        return vconv.conv2d_fwd(x, w, None, stride, padding, dilation)
 
-    @jax.jit  # one program for the reference (op by op, each op compiles its own)
-    def reference(x, w, g):
+    g = jax.device_put(rng.standard_normal(jax.eval_shape(forward, x, w)[0].shape))
+
+    @jax.jit
+    def case(x, w, g):
+        y, res = forward(x, w)
+
+        def ref(x, w):
+            return lax.conv_general_dilated(
+                x, w, res.geom.stride, res.geom.pads, rhs_dilation=res.geom.dilation,
+                dimension_numbers=vconv.DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST,
+            )
+
         y_ref, vjp = jax.vjp(ref, x, w)
-        return y_ref, *vjp(g)
+        return y, res, y_ref, *vjp(g)
 
-    y_ref, dx_ref, dw_ref = reference(x, w, g)
+    y, res, y_ref, dx_ref, dw_ref = case(x, w, g)
     return x, w, y, res, g, y_ref, dx_ref, dw_ref
 
 
@@ -56,7 +63,7 @@ IDS = [f"in{i}-k{k}-s{s}-p{p}-d{d}".replace(" ", "") for i, k, s, p, d in GRID]
 def test_banded_forward_equals_lax(in_shape, k_shape, stride, padding, dilation):
     with jax.enable_x64(True):
         x, w, y, res, _, y_ref, _, _ = _case(0, in_shape, k_shape, stride, padding, dilation)
-        banded = vconv.forward_banded(x, w, res.geom)
+        banded = jax.jit(vconv.forward_banded)(x, w, res.geom)
     assert banded.shape == y_ref.shape
     assert gradcheck.relative_error(banded, y_ref) < TOL
     assert gradcheck.relative_error(y, y_ref) < TOL  # the path conv2d_fwd chose
@@ -69,7 +76,7 @@ def test_every_input_gradient_formulation_equals_lax(in_shape, k_shape, stride, 
                                                       dilation, path):
     with jax.enable_x64(True):
         _, _, _, res, g, _, dx_ref, _ = _case(1, in_shape, k_shape, stride, padding, dilation)
-        dx = vconv.INPUT_GRADS[path](res, g)
+        dx = jax.jit(vconv.INPUT_GRADS[path])(res, g)
     assert dx.shape == dx_ref.shape
     assert gradcheck.relative_error(dx, dx_ref) < TOL
 
@@ -164,17 +171,25 @@ def test_kernel_gradient_in_pieces_equals_lax(monkeypatch, x_shape, k_shape, str
     with jax.enable_x64(True):
         x = jax.device_put(rng.standard_normal(x_shape))
         w = jax.device_put(rng.standard_normal((*k_shape[:2], x_shape[3] // groups, k_shape[2])))
-        y, res = vconv.conv2d_fwd(x, w, None, stride, padding, dilation, groups)
-        g = jax.device_put(rng.standard_normal(y.shape))
-        _, vjp = jax.vjp(lambda w: lax.conv_general_dilated(
-            x, w, res.geom.stride, res.geom.pads, rhs_dilation=res.geom.dilation,
-            dimension_numbers=vconv.DIMENSION_NUMBERS, feature_group_count=groups,
-            precision=lax.Precision.HIGHEST), w)
-        (dw_ref,) = vjp(g)
+
+        def forward(x, w):
+            return vconv.conv2d_fwd(x, w, None, stride, padding, dilation, groups)
+
+        g = jax.device_put(rng.standard_normal(jax.eval_shape(forward, x, w)[0].shape))
         assert vconv.kernel_grad_path(w.shape, x_shape[0], x.dtype) == "chunked"
-        chosen = vconv.conv2d_kernel_grad(res, g)
+
+        @jax.jit  # one program, traced here (the chunk size above is read when traced)
+        def kernel_grads(x, w, g):
+            _, res = forward(x, w)
+            _, vjp = jax.vjp(lambda w: lax.conv_general_dilated(
+                x, w, res.geom.stride, res.geom.pads, rhs_dilation=res.geom.dilation,
+                dimension_numbers=vconv.DIMENSION_NUMBERS, feature_group_count=groups,
+                precision=lax.Precision.HIGHEST), w)
+            pieces = vconv.kernel_grad_chunked(res, g) if groups == 1 else None
+            return vjp(g)[0], vconv.conv2d_kernel_grad(res, g), pieces
+
+        dw_ref, chosen, pieces = kernel_grads(x, w, g)
         if groups == 1:
-            pieces = vconv.kernel_grad_chunked(res, g)
             assert gradcheck.relative_error(pieces, dw_ref) < TOL
     assert chosen.shape == dw_ref.shape
     assert gradcheck.relative_error(chosen, dw_ref) < TOL
