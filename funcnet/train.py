@@ -786,8 +786,10 @@ def _weighted_batches(key, n, bs, shuffle, w_dtype):
 
 
 def _batch_program(n, bs, shuffle, mesh, w_dtype):
-    """The jitted ``batches(key) -> (idx, w)`` of a looped epoch: it depends on the
-    batching alone, so fits of other networks or optimizers on as many examples share it."""
+    """The jitted ``batches(key) -> (idx, w)`` of an epoch run step by step (a looped
+    epoch, a scanned one's partial last batch): it depends on the batching alone, so fits
+    of other networks, optimizers or seeds on as many examples share it (the scanned
+    epoch traces :func:`_weighted_batches` into its own program)."""
     on_mesh = {} if mesh is None else {"out_shardings": _parallel.replicated(mesh)}
 
     def batches(key):
