@@ -73,7 +73,8 @@ def _share_identical_programs():
                executable_devices, pgle_profiler=None):
         args = (backend, computation, devices, compile_options, host_callbacks,
                 executable_devices, pgle_profiler)
-        if host_callbacks or pgle_profiler is not None or jax.config.jax_compilation_cache_dir:
+        if (host_callbacks or pgle_profiler is not None
+                or getattr(jax.config, "jax_compilation_cache_dir", None)):
             return compile_program(*args)
         text = computation.operation.get_asm(enable_debug_info=False)
         key = (hashlib.sha256(text.encode()).digest(), compile_options.SerializeAsString(),
