@@ -33,6 +33,7 @@ everything else replicated, one compiled program, the results of one device.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -785,6 +786,7 @@ def _weighted_batches(key, n, bs, shuffle, w_dtype):
     return idx, w.astype(w_dtype)
 
 
+@functools.lru_cache(maxsize=16)
 def _batch_program(n, bs, shuffle, mesh, w_dtype):
     """The jitted ``batches(key) -> (idx, w)`` of an epoch run step by step (a looped
     epoch, a scanned one's partial last batch): it depends on the batching alone, so fits
@@ -827,9 +829,8 @@ def _epoch_programs(update, n, bs, shuffle, mesh, last, w_dtype):
 
     # with a mesh, whatever comes out is replicated, so the next call's inputs match
     on_mesh = {} if mesh is None else {"out_shardings": _parallel.replicated(mesh)}
-    shared = _BATCH_PROGRAMS.get(lambda: _batch_program(n, bs, shuffle, mesh, w_dtype),
-                                 values=(n, bs, shuffle, mesh, w_dtype))
-    return (shared, jax.jit(one_step, donate_argnums=(0,), **on_mesh),
+    return (_batch_program(n, bs, shuffle, mesh, w_dtype),
+            jax.jit(one_step, donate_argnums=(0,), **on_mesh),
             jax.jit(scan_epoch, donate_argnums=(0,), **on_mesh))
 
 
@@ -954,7 +955,6 @@ def choose_epoch_mode(net: Any, mode: str = "auto", grad: str | ValueAndGrad = "
 
 _PROGRAMS = _ProgramCache()
 _RUNNER_PROGRAMS = _ProgramCache(16)  # EpochRunner's, per step body and batching
-_BATCH_PROGRAMS = _ProgramCache(16)  # an epoch's shuffled batches, per batching
 _UPDATES = _ProgramCache(16)  # fit's step bodies, per configuration
 
 

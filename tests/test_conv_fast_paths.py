@@ -123,10 +123,14 @@ def test_input_grad_path_rule():
 def test_banded_forward_block_size_does_not_change_the_result(monkeypatch):
     with jax.enable_x64(True):
         x, w, _, res, _, y_ref, _, _ = _case(3, (5, 11, 1), (3, 2, 2), 1, 1, (1, 2))
-        results = []
+        results, programs = [], set()
         for block in (1, 3, 4, 11, 16):
-            monkeypatch.setattr(vconv, "BAND_BLOCK", block)  # read when traced: a new jit
-            results.append(jax.jit(vconv.forward_banded)(x, w, res.geom))
+            monkeypatch.setattr(vconv, "BAND_BLOCK", block)  # read when traced
+            # a new function each time: jit reuses a trace of the same function object
+            banded = jax.jit(lambda x, w: vconv.forward_banded(x, w, res.geom))
+            programs.add(banded.lower(x, w).as_text(debug_info=False))
+            results.append(banded(x, w))
+    assert len(programs) == 5  # each block size traced a program of its own
     for y in results:
         assert gradcheck.relative_error(y, y_ref) < TOL
 

@@ -88,7 +88,17 @@ def _conv_geometry(x_shape, window, stride, padding, dilation, where):
     return stride, dilation, pads
 
 
-@compiled_when_eager(lambda: formulations_key())
+_PLAIN = {"on": False}
+
+
+def formulations_key() -> bool:
+    """Whether :func:`plain_formulations` is on: part of the cache key of every compiled
+    program whose trace picks a convolution's formulation (eager ops and forward passes,
+    fit's step bodies), so a program traced with one choice never serves the other."""
+    return _PLAIN["on"]
+
+
+@compiled_when_eager(formulations_key)
 def conv2d(
     x: jax.Array,
     w: jax.Array,
@@ -186,7 +196,7 @@ def check_conv2d(x, w, b, stride, padding, dilation, groups=1):
     return _conv_geometry(x.shape, w.shape[:2], stride, padding, dilation, where)
 
 
-@compiled_when_eager(lambda: formulations_key())
+@compiled_when_eager(formulations_key)
 def extract_patches(
     x: jax.Array, window: tuple[int, int], stride: Any, padding: Any, dilation: Any = 1
 ) -> jax.Array:
@@ -214,7 +224,7 @@ def extract_patches(
     return jnp.transpose(p, (0, 1, 2, 4, 5, 3))
 
 
-@compiled_when_eager(lambda: formulations_key())
+@compiled_when_eager(formulations_key)
 def locally_connected2d(
     x: jax.Array,
     w: jax.Array,
@@ -299,16 +309,6 @@ class Conv2dResiduals(NamedTuple):
     w: jax.Array  # (KH, KW, C_in, C_out)
     b: jax.Array | None  # (C_out,) or None
     geom: Geometry  # static
-
-
-_PLAIN = {"on": False}
-
-
-def formulations_key() -> bool:
-    """Whether :func:`plain_formulations` is on: part of the cache key of every compiled
-    program whose trace picks a convolution's formulation (eager ops and forward passes,
-    fit's step bodies), so a program traced with one choice never serves the other."""
-    return _PLAIN["on"]
 
 
 @contextlib.contextmanager
