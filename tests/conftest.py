@@ -17,6 +17,9 @@ Only how fast the machine code runs changes, and no test here times anything.
 ``FUNCNET_TEST_XLA_DEFAULTS=1`` runs the suite at XLA's defaults (CI's slow tier does, so
 the default code generator is exercised too). Subprocesses that the tests start
 (notebooks, fresh-process export checks, the 4-device and 2-process checks) inherit it.
+
+Each process that runs tests also compiles every distinct program once and lowers into
+one MLIR context per thread (tests/jax_session.py): how programs are built, not what.
 """
 
 import os
@@ -35,58 +38,17 @@ if os.environ.get("FUNCNET_TEST_XLA_DEFAULTS") != "1":
     os.environ["XLA_FLAGS"] = _flags
 
 
-def _share_identical_programs():
-    """Compile each distinct XLA program once per test process.
-
-    ``jax.jit`` caches a compiled program per function object, so tests that build their
-    own network, optimizer or closure compile again what an earlier test compiled: the
-    same HLO, bit for bit (about 300 of a worker's 1,400 compilations, 12% of its XLA
-    compile time, measured by fingerprinting every compiled module). XLA compiles the
-    same module with the same options for the same devices to the same executable, so
-    this wraps JAX's compile step (``jax._src.compiler.compile_or_get_cached``, called
-    once per program after tracing and lowering) with a dictionary keyed by the module's
-    text without source locations, the compile options and the device ids. Everything
-    before it runs as usual (tracing, lowering, the ``Compiling ...`` log lines that the
-    compile-count tests read, the compile event). Not shared: programs with host
-    callbacks (the executable holds them) and any compile while JAX's persistent cache is
-    configured (its own reads and writes are what such a test checks). If this JAX has
-    no such function, with another signature, nothing is wrapped.
-    """
-    import hashlib
-    import inspect
-
-    import jax
-
-    try:
-        from jax._src import compiler
-    except ImportError:
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """Install tests/jax_session.py's sharing (one compile per distinct program, one MLIR
+    context per thread) in every process that runs tests; pytest-xdist's controller runs
+    none and does not import JAX (a second earlier start for the workers)."""
+    if getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput"):
         return
-    compile_program = getattr(compiler, "compile_or_get_cached", None)
-    if compile_program is None or list(inspect.signature(compile_program).parameters)[:6] != [
-        "backend", "computation", "devices", "compile_options", "host_callbacks",
-        "executable_devices",
-    ]:
-        return
-    compiled = {}
+    import jax_session
 
-    def shared(backend, computation, devices, compile_options, host_callbacks,
-               executable_devices, pgle_profiler=None):
-        args = (backend, computation, devices, compile_options, host_callbacks,
-                executable_devices, pgle_profiler)
-        if (host_callbacks or pgle_profiler is not None
-                or getattr(jax.config, "jax_compilation_cache_dir", None)):
-            return compile_program(*args)
-        text = computation.operation.get_asm(enable_debug_info=False)
-        key = (hashlib.sha256(text.encode()).digest(), compile_options.SerializeAsString(),
-               backend.platform, tuple(d.id for d in devices.flat))
-        if key not in compiled:
-            compiled[key] = compile_program(*args)
-        return compiled[key]
-
-    compiler.compile_or_get_cached = shared
-
-
-_share_identical_programs()
+    jax_session.share_identical_programs()
+    jax_session.share_one_mlir_context()
 
 
 @pytest.hookimpl(trylast=True)

@@ -24,6 +24,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import jax_session
 import numpy as np
 import optax
 from compile_log import CompileLog
@@ -32,6 +33,8 @@ import funcnet as fn
 from funcnet import checkpoint, parallel, train
 
 jax.config.update("jax_enable_compilation_cache", False)  # count real compilations
+jax_session.share_identical_programs()  # as in the test processes (tests/conftest.py)
+jax_session.share_one_mlir_context()
 
 RTOL, ATOL = 1e-5, 1e-6  # float32, as the loop-vs-scan comparisons of test_train_state
 
