@@ -14,6 +14,13 @@ from funcnet.nn.conv import plain_formulations
 # shapes no other test uses, so that nothing is compiled yet
 X = draw.normal((2, 9, 7, 3), seed=11)
 SEQ = draw.normal((2, 5, 6), seed=12)
+X2 = draw.normal(X.shape, seed=21)
+LOGITS = draw.normal((5, 6), seed=22)
+LABELS = draw.integers((5,), 6, seed=23)
+_e = np.exp(np.random.default_rng(24).normal(size=(5, 6)))
+SOFT = jax.device_put((_e / _e.sum(axis=1, keepdims=True)).astype(np.float32))
+PROBS = draw.uniform((5, 6), seed=25, low=0.05, high=0.95)
+TARGETS = draw.uniform((5, 6), seed=26)
 
 CALLS = {
     "avg_pool": lambda: ops.avg_pool(X, (3, 2), (2, 1), "SAME", False),
@@ -25,6 +32,13 @@ CALLS = {
     "multi_head_self_attention": lambda: ops.multi_head_self_attention(
         SEQ, draw.normal((6, 18), seed=16), None, draw.normal((6, 6), seed=17), None, 2),
     "gelu": lambda: ops.gelu(X, approximate=True),
+    # losses check their inputs' values on the host, then compute in one program
+    "softmax_cross_entropy": lambda: fn.losses.softmax_cross_entropy(LOGITS, LABELS),
+    "softmax_cross_entropy_one_hot": lambda: fn.losses.softmax_cross_entropy(LOGITS, SOFT),
+    "quadratic": lambda: fn.losses.quadratic(X, X2),
+    "binary_cross_entropy": lambda: fn.losses.binary_cross_entropy(PROBS, TARGETS),
+    "binary_cross_entropy_with_logits": lambda: fn.losses.binary_cross_entropy_with_logits(
+        LOGITS, TARGETS),
 }
 
 

@@ -33,7 +33,8 @@ trick, so ``jax.grad`` agrees with the rule and stays finite at ``p`` exactly 0 
 Inputs are validated before any work: arrays of real numbers (not complex), matching
 shapes; probabilities and binary / soft targets in ``[0, 1]`` and integer labels in
 ``[0, K)`` when their values are concrete (under ``jit`` or ``grad`` they are not
-known, and are not checked).
+known, and are not checked). Called outside a trace, a loss checks its inputs and then
+computes as one compiled program (cached per shapes and dtypes), not operation by operation.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import optax
 from jax import lax
 
 from funcnet import _checks
+from funcnet._eager import compiled_when_eager
 from funcnet.nn.base import Rule
 
 # PyTorch's BCELoss clamps log(p) at -100 so that p exactly 0 or 1 gives a finite loss.
@@ -84,6 +86,11 @@ def quadratic(y: jax.Array, target: jax.Array) -> jax.Array:
     ``(N, ...)``.
     """
     y, target = _pair(y, target, ("y", "target"), "quadratic")
+    return _quadratic(y, target)
+
+
+@compiled_when_eager()
+def _quadratic(y, target):
     d = y - target
     return _batch_mean(0.5 * d * d)
 
@@ -108,6 +115,11 @@ def binary_cross_entropy(p: jax.Array, target: jax.Array) -> jax.Array:
         p, "p (probabilities; for logits use binary_cross_entropy_with_logits)", where
     )
     _checks.check_in_unit_interval(target, "target", where)
+    return _binary_cross_entropy(p, target)
+
+
+@compiled_when_eager()
+def _binary_cross_entropy(p, target):
     log_p, log_1mp = _clamped_logs(p)
     return _batch_mean(-(target * log_p + (1.0 - target) * log_1mp))
 
@@ -143,6 +155,11 @@ def binary_cross_entropy_with_logits(logits: jax.Array, target: jax.Array) -> ja
     where = "binary_cross_entropy_with_logits"
     logits, target = _pair(logits, target, ("logits", "target"), where)
     _checks.check_in_unit_interval(target, "target", where)
+    return _binary_cross_entropy_with_logits(logits, target)
+
+
+@compiled_when_eager()
+def _binary_cross_entropy_with_logits(logits, target):
     return _batch_mean(optax.sigmoid_binary_cross_entropy(logits, target))
 
 
@@ -183,16 +200,23 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
                 f"for logits of shape {jnp.shape(logits)}, got {jnp.shape(labels)}"
             )
         _check_integer_labels(labels, jnp.shape(logits)[1], where)
-        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    elif jnp.issubdtype(labels_dtype, jnp.floating):
+        return _softmax_cross_entropy(logits, labels, integer=True)
+    if jnp.issubdtype(labels_dtype, jnp.floating):
         _same_shape(logits, labels, ("logits", "one-hot labels"), where)
         _checks.check_in_unit_interval(labels, "one-hot (or probability) labels", where)
-        per_example = optax.softmax_cross_entropy(logits, labels)
+        return _softmax_cross_entropy(logits, labels, integer=False)
+    raise TypeError(
+        f"{where}: labels must be integer class indices or floating one-hot targets, "
+        f"got dtype {labels_dtype}"
+    )
+
+
+@compiled_when_eager()
+def _softmax_cross_entropy(logits, labels, integer: bool):
+    if integer:
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     else:
-        raise TypeError(
-            f"{where}: labels must be integer class indices or floating one-hot targets, "
-            f"got dtype {labels_dtype}"
-        )
+        per_example = optax.softmax_cross_entropy(logits, labels)
     return jnp.mean(per_example)
 
 
