@@ -567,7 +567,8 @@ def restore(path: str | os.PathLike, template: Any) -> tuple[Any, Any]:
     scalar array for a Python number. A ``jax.Array`` comes back with the template leaf's
     sharding (replicated, batch-sharded, on one device...; a ``ShapeDtypeStruct``'s when it
     has one, else the default device), also a sharding over several processes, of which
-    each process builds only its own shards. Raises :class:`CheckpointError` if the
+    each process builds only its own shards; an uncommitted template leaf (as ``init`` and
+    ``jnp`` make them) gives an uncommitted array on the default device. Raises :class:`CheckpointError` if the
     paths, a shape or a dtype differ, if a template's sharding cannot hold its leaf, or
     if the file is truncated or corrupt.
     """
@@ -620,7 +621,12 @@ def restore(path: str | os.PathLike, template: Any) -> tuple[Any, Any]:
 
 def _template_sharding(leaf: Any) -> jax.sharding.Sharding | None:
     """Where a template leaf's restored array goes: the sharding of a ``jax.Array`` (for a
-    typed PRNG key, that of its key data) or of a ``ShapeDtypeStruct`` that has one."""
+    typed PRNG key, that of its key data) or of a ``ShapeDtypeStruct`` that has one. None
+    for an uncommitted array (what ``init`` and ``jnp`` return: the default device, free to
+    follow its operands elsewhere), so the restored leaf is uncommitted too and mixes with
+    arrays on other devices as the template did."""
+    if isinstance(leaf, jax.Array) and not getattr(leaf, "committed", True):
+        return None
     if _is_prng_key(leaf):
         return jax.random.key_data(leaf).sharding if isinstance(leaf, jax.Array) else None
     if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):

@@ -59,6 +59,25 @@ def test_round_trip_is_exact(tmp_path):
     assert checkpoint.read_metadata(path)["epoch"] == 3
 
 
+def test_restored_arrays_are_committed_where_the_template_is(tmp_path):
+    """A fresh template (``init``, ``jnp``: uncommitted) gives uncommitted arrays, which
+    mix with arrays on any device as the template's did; a template placed on a device
+    gives arrays committed there."""
+    device = jax.devices()[0]
+    loose = {"w": jnp.arange(3.0), "key": jax.random.key(1)}
+    placed = jax.device_put(loose, device)
+    path = tmp_path / "c.ckpt"
+    checkpoint.save(path, loose)
+    for template, committed in ((loose, False), (placed, True)):
+        assert [a.committed for a in jax.tree_util.tree_leaves(template)] == [committed] * 2
+        restored, _ = checkpoint.restore(path, template)
+        leaves = jax.tree_util.tree_leaves(restored)
+        assert [a.committed for a in leaves] == [committed] * 2, committed
+        assert all(a.devices() == {device} for a in leaves)
+        for a, b in zip(_leaves(restored), _leaves(loose), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_format_is_plain_npz_with_json_manifest_keyed_by_paths(tmp_path):
     path = tmp_path / "a.ckpt"
     tree = {"layer": {"w": np.ones((2, 2), np.float32), "b": np.zeros(2, np.float32)}}
