@@ -146,6 +146,12 @@ def stack_metrics(collected: list[dict], before: dict | None = None) -> dict[str
 _STEPS = _cache.ProgramCache(16)  # per step body and mesh
 
 
+def _label_dtype(dtype: Any) -> np.dtype:
+    """The dtype a batch's ``y`` is trained with: integer labels as int32, others as given."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.int32) if np.issubdtype(dtype, np.integer) else dtype
+
+
 class StreamRunner:
     """Runs epochs of ``update`` (see ``funcnet.train._make_update``) over a batch source.
 
@@ -167,7 +173,7 @@ class StreamRunner:
                       "where": where}
         self.num_classes, self.integer_x = num_classes, integer_x
         self.x_tail, self.x_dtype = tuple(x_like.shape[1:]), np.dtype(x_like.dtype)
-        self.y_tail = tuple(y_like.shape[1:])
+        self.y_tail, self.y_dtype = tuple(y_like.shape[1:]), _label_dtype(y_like.dtype)
         self.w_dtype = self.x_dtype if np.issubdtype(self.x_dtype, np.floating) else np.float32
         self.num_batches = num_batches(source)
         self.processes = jax.process_count() if mesh is not None else 1
@@ -211,6 +217,10 @@ class StreamRunner:
                                        integer_x=self.integer_x)
         elif isinstance(y, np.ndarray) and np.issubdtype(y.dtype, np.integer):
             y = _data.check_labels(y, self.num_classes, where)
+        if _label_dtype(y.dtype) != self.y_dtype:
+            raise TypeError(f"{where}: y has dtype {y.dtype}; every batch must have the first "
+                            f"batch's dtype {self.y_dtype} (integer labels of any width are "
+                            f"taken as int32)")
         if np.issubdtype(np.dtype(y.dtype), np.integer):
             y = y.astype(np.int32) if isinstance(y, np.ndarray) else y.astype(jnp.int32)
         if w is None:

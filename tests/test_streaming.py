@@ -310,12 +310,19 @@ def _batches(x, y, bad=None, at=2):
     (lambda x, y: (np.concatenate([x, x]), np.concatenate([y, y])), ValueError,
      "a batch must have 1 to batch_size=16 rows"),
     (lambda x, y: (x.astype(np.float64), y), TypeError, "dtype float64; every batch"),
+    (lambda x, y: (x, y.astype(np.float32)), TypeError,
+     "epoch 1, batch 3: y has dtype float32; every batch must have the first batch's dtype "
+     "int32"),
+    (lambda x, y: (x, y.astype(np.int64)), None, None),  # any integer width: taken as int32
     (lambda x, y: (np.where(x > 1, np.inf, x), y), ValueError,
      "epoch 1, batch 3: x contains non-finite values"),
     (lambda x, y: (x, y + 5), ValueError, r"epoch 1, batch 3: labels must lie in \[0, 3\)"),
 ])
 def test_fit_refuses_a_bad_batch_naming_it(xy, bad, exc, match):
     x, y = xy
+    if exc is None:
+        assert_same_training(fit(mlp(), _batches(x, y, bad)), fit(mlp(), _batches(x, y)))
+        return
     with pytest.raises(exc, match=match):
         fit(mlp(), _batches(x, y, bad))
 
