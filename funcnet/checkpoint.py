@@ -568,9 +568,9 @@ def restore(path: str | os.PathLike, template: Any) -> tuple[Any, Any]:
     sharding (replicated, batch-sharded, on one device...; a ``ShapeDtypeStruct``'s when it
     has one, else the default device), also a sharding over several processes, of which
     each process builds only its own shards; an uncommitted template leaf (as ``init`` and
-    ``jnp`` make them) gives an uncommitted array on the default device. Raises :class:`CheckpointError` if the
-    paths, a shape or a dtype differ, if a template's sharding cannot hold its leaf, or
-    if the file is truncated or corrupt.
+    ``jnp`` make them) gives an uncommitted array on the default device. Raises
+    :class:`CheckpointError` if the paths, a shape or a dtype differ, if a template's
+    sharding cannot hold its leaf, or if the file is truncated or corrupt.
     """
     path = _source(path, "checkpoint.restore")
     zf, manifest = _open(path)
