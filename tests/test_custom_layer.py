@@ -179,3 +179,29 @@ def test_a_subclass_that_overrides_forward_drops_the_inherited_hand_rule():
     auto = jax.jit(jax.value_and_grad(lambda p: loss(net.apply(p, x), y)))(params)  # program
     for a, b in zip(jax.tree.leaves(manual), jax.tree.leaves(auto), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class LeakyReLU(fn.ReLU):  # Stateless's override point: the function, not ReLU's rule
+    def _apply(self, params, x):
+        return jnp.where(x > 0, x, 0.1 * x)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Swish(fn.Sigmoid):  # OpLayer's override point: another op, Sigmoid's rule unfit
+    op = staticmethod(lambda x: x * jax.nn.sigmoid(x))
+
+
+@pytest.mark.parametrize("layer", [LeakyReLU(), Swish()], ids=repr)
+def test_a_subclass_that_overrides_apply_or_op_drops_the_inherited_hand_rule(layer):
+    """Through ``_apply`` or ``op`` too, a subclass that computes another function without
+    a rule of its own trains that function under the hand rules (the jax.vjp fallback)."""
+    assert type(layer).__mro__[1].has_hand_rule() and not type(layer).has_hand_rule()
+    net = fn.Serial([fn.Dense(4), layer, fn.Dense(2)])
+    params = draw.params(net, (3,))
+    x, y = draw.normal((5, 3), seed=1), draw.normal((5, 2), seed=2)
+    loss = fn.losses.quadratic
+    manual = jax.jit(fn.vjp.value_and_grad(net, loss))(params, x, y)
+    auto = jax.jit(jax.value_and_grad(lambda p: loss(net.apply(p, x), y)))(params)
+    for a, b in zip(jax.tree.leaves(manual), jax.tree.leaves(auto), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -239,6 +239,11 @@ def prefixed(err: Exception, prefix: str) -> Exception:
     return new
 
 
+#: What a subclass overrides to change a layer's function, and to give it a rule.
+_COMPUTES = frozenset({"forward", "_apply", "op"})
+_RULES = frozenset({"fwd", "bwd", "rule"})
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Layer:
     """Base class of every layer and network; see the module docstring for the protocol."""
@@ -256,16 +261,18 @@ class Layer:
     mixes_batch: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A subclass that overrides ``forward`` but not ``fwd`` / ``bwd`` (a ``Conv`` with
-        standardised weights, say) would inherit a hand rule written for its parent's
-        forward pass, and ``grad="manual"`` would train the parent's function while
-        ``apply`` runs the new one. Such a subclass gets the ``jax.vjp`` fallback of its
-        own ``forward`` instead (``has_hand_rule()`` is then ``False``); a subclass that
-        keeps its parent's forward keeps the hand rule."""
+        """A subclass that changes what the layer computes (overrides ``forward``, or the
+        override points below it: :class:`Stateless`'s ``_apply``, :class:`OpLayer`'s
+        ``op``) without its own rule (``fwd`` / ``bwd``, or an ``OpLayer``'s ``rule``)
+        would inherit a hand rule written for its parent's function: ``grad="manual"``
+        would train the parent's function while ``apply`` runs the new one (a ``Conv``
+        with standardised weights, a leaky ``ReLU`` written as ``_apply``). Such a
+        subclass gets the ``jax.vjp`` fallback of its own forward instead
+        (``has_hand_rule()`` is then ``False``); a subclass that keeps its parent's
+        forward keeps the hand rule."""
         super().__init_subclass__(**kwargs)
         own = cls.__dict__
-        if "forward" in own and "fwd" not in own and "bwd" not in own \
-                and cls.fwd is not Layer.fwd:
+        if own.keys() & _COMPUTES and not own.keys() & _RULES and cls.fwd is not Layer.fwd:
             cls.fwd, cls.bwd = Layer.fwd, Layer.bwd
 
     def __repr__(self) -> str:
