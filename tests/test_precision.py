@@ -480,3 +480,39 @@ def test_fit_stops_on_a_float16_overflow_keeping_the_last_finite_state():
     np.testing.assert_array_equal(err.value.state.params[0]["w"], params[0]["w"])
     with pytest.raises(ValueError, match="fit: precision"):
         train.fit(net, params, x, y, epochs=1, progress=False, precision="int8")
+
+
+def test_layers_of_different_param_dtypes_get_gradients_in_their_own_dtypes():
+    """A bfloat16 Conv under a float32 Dense (``param_dtype``, no policy): the hand rules
+    give each gradient in its parameter's dtype, as autodiff does, and back-propagate
+    the float32 head's gradient into the bfloat16 convolution (it was refused there:
+    'lax.conv_general_dilated requires arguments to have the same dtypes'), in fit too."""
+    net = fn.Serial([fn.Conv(2, 3, param_dtype=BF16), fn.ReLU(), fn.Flatten(),
+                     fn.Dense(4, param_dtype=BF16), fn.Tanh(), fn.Dense(3)])
+    params = net.init(jax.random.key(0), (6, 6, 1))
+    x, y = draw.normal((4, 6, 6, 1), seed=1).astype(BF16), np.arange(4) % 3
+    dtypes = [a.dtype for a in jax.tree.leaves(params)]
+    assert dtypes == [BF16] * 4 + [jnp.float32] * 2
+    manual = jax.jit(vjp.value_and_grad(net, CE))(params, x, y)
+    auto = jax.jit(jax.value_and_grad(lambda p: CE(net.apply(p, x), y)))(params)
+    assert [a.dtype for a in jax.tree.leaves(manual[1])] == dtypes
+    for a, b in zip(jax.tree.leaves(manual), jax.tree.leaves(auto), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=2e-2, atol=2e-2)
+    result = train.fit(net, params, x, y, epochs=1, batch_size=4, progress=False,
+                       optimizer=optax.sgd(0.1), grad="manual")
+    assert [a.dtype for a in jax.tree.leaves(result.params)] == dtypes
+
+
+def test_manual_op_gives_each_cotangent_its_arguments_dtype():
+    """``vjp.manual``: bfloat16 x and w with a float32 bias (the output, and g, float32)."""
+    x, w = draw.normal((2, 5, 5, 3), seed=1).astype(BF16), draw.normal((3, 3, 3, 2), seed=2)
+    b = draw.normal((2,), seed=3)
+    conv = vjp.manual(fn.ops.conv2d)
+    args = (x, w.astype(BF16), b)
+    grads = jax.grad(lambda *a: jnp.sum(conv(*a) ** 2), argnums=(0, 1, 2))(*args)
+    auto = jax.grad(lambda *a: jnp.sum(fn.ops.conv2d(*a) ** 2), argnums=(0, 1, 2))(*args)
+    assert [g.dtype for g in grads] == [BF16, BF16, jnp.float32]
+    for a, r in zip(grads, auto, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(r, np.float32),
+                                   rtol=2e-2, atol=2e-1)

@@ -33,6 +33,7 @@ from funcnet.nn.base import (
     prefixed,
     rule_forward,
     split_key,
+    static,
 )
 
 __all__ = ["Parallel", "Residual", "Serial"]
@@ -163,13 +164,60 @@ class _Combinator(Layer):
             raise self._where(i, e) from e
 
     def _run_fwd(self, i, params, state, x, key, train):
+        """Part ``i``'s ``fwd``; its residuals keep the dtypes of its input, output and
+        parameters for :meth:`_run_bwd`."""
         try:
-            return rule_forward(self.parts()[i], params, state, x, key=key, train=train)
+            y, s, res = rule_forward(self.parts()[i], params, state, x, key=key, train=train)
         except (ValueError, TypeError) as e:
             raise self._where(i, e) from e
+        leaves, tree = jax.tree_util.tree_flatten(params)
+        dtypes = _Dtypes(_dtype(x), _dtype(y), tree, tuple(_dtype(p) for p in leaves))
+        return y, s, PartResiduals(res, dtypes)
+
+    def _run_bwd(self, i, res, g, need_dx):
+        """Part ``i``'s ``bwd``, each cotangent in its primal's dtype, as autodiff gives
+        them: ``g`` in the part's output dtype, ``dL/dx`` in its input's, the parameter
+        gradients in the parameters' (a part's rule computes in the promoted dtype where
+        a bfloat16 layer meets a float32 one, which the next rule would not accept)."""
+        dtypes = res.dtypes
+        dx, dparams = self.parts()[i].bwd(res.res, _cast(g, dtypes.y), need_dx)
+        leaves, tree = jax.tree_util.tree_flatten(dparams)
+        if tree == dtypes.params and len(leaves) == len(dtypes.param_dtypes):
+            dparams = tree.unflatten([_cast(d, t) for d, t in
+                                      zip(leaves, dtypes.param_dtypes, strict=True)])
+        return _cast(dx, dtypes.x), dparams
 
     def label(self) -> str:
         return type(self).__name__
+
+
+@static
+class _Dtypes:
+    x: Any
+    y: Any
+    params: Any  # the parameters' treedef
+    param_dtypes: tuple
+
+
+class PartResiduals(NamedTuple):
+    """A part's residuals inside a combinator's, with its dtypes (static)."""
+
+    res: Any
+    dtypes: _Dtypes
+
+
+def _dtype(a: Any) -> Any:
+    dtype = getattr(a, "dtype", None)
+    return jnp.dtype(dtype) if dtype is not None else None
+
+
+def _cast(ct: Any, dtype: Any) -> Any:
+    """A floating cotangent in ``dtype`` (if that is a floating dtype it differs from)."""
+    if ct is None or dtype is None or not hasattr(ct, "dtype") or ct.dtype == dtype:
+        return ct
+    if jnp.issubdtype(ct.dtype, jnp.floating) and jnp.issubdtype(dtype, jnp.floating):
+        return ct.astype(dtype)
+    return ct
 
 
 def _short_repr(layer: Layer) -> str:
@@ -252,7 +300,7 @@ class Serial(_Combinator):
     def bwd(self, res, g, need_dx):
         grads = [None] * len(self.layers)
         for i in reversed(range(len(self.layers))):
-            g, grads[i] = self.layers[i].bwd(res[i], g, need_dx or i > 0)
+            g, grads[i] = self._run_bwd(i, res[i], g, need_dx or i > 0)
         return g, tuple(grads)
 
     def flops(self, input_shape: Shape) -> tuple[int, int] | None:
@@ -383,8 +431,8 @@ class Parallel(_Combinator):
                 bounds.append(bounds[-1] + w)
             parts = [g[..., a:b] for a, b in itertools.pairwise(bounds)]
         dx, grads = None, []
-        for branch, r, gi in zip(self.branches, res.branches, parts, strict=True):
-            dxi, dp = branch.bwd(r, gi, need_dx)
+        for i, (r, gi) in enumerate(zip(res.branches, parts, strict=True)):
+            dxi, dp = self._run_bwd(i, r, gi, need_dx)
             grads.append(dp)
             if need_dx:  # copy gate: the fan-out's gradients add
                 dx = dxi if dx is None else dx + dxi
@@ -481,10 +529,10 @@ class Residual(_Combinator):
 
     def bwd(self, res, g, need_dx):
         r_body, r_short = res
-        dx_body, d_body = self.body.bwd(r_body, g, need_dx)  # add gate: g to both paths
+        dx_body, d_body = self._run_bwd(0, r_body, g, need_dx)  # add gate: g to both paths
         if self.shortcut is None:
             return (dx_body + g if need_dx else None), (d_body, {})
-        dx_short, d_short = self.shortcut.bwd(r_short, g, need_dx)
+        dx_short, d_short = self._run_bwd(1, r_short, g, need_dx)
         return (dx_body + dx_short if need_dx else None), (d_body, d_short)  # copy gate
 
     def flops(self, input_shape: Shape) -> tuple[int, int]:

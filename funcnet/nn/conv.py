@@ -490,8 +490,17 @@ def input_grad_path(w_shape: tuple[int, ...], geom: Geometry) -> str:
 FEW_CHANNELS = 8
 
 
+def _conv_cotangent(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
+    """``g`` in the dtype of the convolution itself (that of ``x`` and ``w``): a bias of a
+    wider dtype (a float32 ``b`` on bfloat16 ``x`` and ``w``) widens the output and so
+    ``g``, which ``lax``'s convolutions would refuse next to ``w``."""
+    dtype = jnp.result_type(res.x.dtype, res.w.dtype)
+    return g if g.dtype == dtype else g.astype(dtype)
+
+
 def conv2d_input_grad(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
     """``dL/dx``, ``(N, H, W, C_in)``; the formulation :func:`input_grad_path` picks."""
+    g = _conv_cotangent(res, g)
     if res.geom.groups > 1:
         return jnp.concatenate([conv2d_input_grad(r, gi) for r, gi in _groups(res, g)], axis=3)
     return INPUT_GRADS[input_grad_path(res.w.shape, res.geom)](res, g)
@@ -636,6 +645,7 @@ def conv2d_kernel_grad(res: Conv2dResiduals, g: jax.Array) -> jax.Array:
     """``dL/dw``, ``(KH, KW, C_in, C_out)``; the formulation :func:`kernel_grad_path` picks."""
     # im2col + einsum measured 1.5-4x slower on XLA:CPU for LeNet's shapes, and the
     # banded matmul of forward_banded (dB = r^T g) no faster in the LeNet-5 step.
+    g = _conv_cotangent(res, g)
     if res.geom.groups > 1:
         return jnp.concatenate([conv2d_kernel_grad(r, gi) for r, gi in _groups(res, g)], axis=3)
     path = kernel_grad_path(res.w.shape, res.x.shape[0], res.x.dtype)

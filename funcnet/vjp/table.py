@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from funcnet.nn import (
     activation,
@@ -61,6 +62,15 @@ def rule_for(op: Callable) -> Rule:
         ) from None
 
 
+def _cast(ct: Any, dtype: Any) -> Any:
+    """A floating cotangent in its floating argument's ``dtype`` (a rule computes in the
+    promoted dtype of, say, a bfloat16 input and float32 weights)."""
+    if (ct is None or dtype is None or ct.dtype == dtype
+            or not jnp.issubdtype(dtype, jnp.floating)):
+        return ct
+    return ct.astype(dtype)
+
+
 def manual(op: Callable) -> Callable:
     """``op`` wrapped in ``jax.custom_vjp`` with its hand-written backward rule.
 
@@ -93,8 +103,11 @@ def manual(op: Callable) -> Callable:
         def f(*arrays):
             return call(*arrays)[0]
 
-        def f_bwd(res, g):
-            return tuple(rule.bwd(res, g))
+        dtypes = tuple(getattr(a, "dtype", None) for a in arrays)
+
+        def f_bwd(res, g):  # each cotangent in its argument's dtype, as autodiff's
+            return tuple(_cast(ct, dtype) for ct, dtype in
+                         zip(rule.bwd(res, g), dtypes, strict=True))
 
         f.defvjp(call, f_bwd)
         return f(*arrays)
