@@ -128,3 +128,21 @@ def test_regularizer_masks_pytree_or_callable_and_structure_errors():
         {},
         {"w": True, "b": False},
     )
+
+
+def test_weights_mask_takes_every_kernel_and_no_bias_scale_or_table():
+    """Attention's projections are kernels too (``w_qkv``, ``w_out``: left out of weight
+    decay before); its biases, LayerNorm's scale, the class token and the position
+    table are not."""
+    import funcnet as fn
+
+    net = fn.Serial([fn.ClassToken(), fn.PositionEmbedding(), fn.LayerNorm(),
+                     fn.MultiHeadSelfAttention(2), fn.Dense(3)])
+    params = net.init(jax.random.key(0), (4, 6))
+    mask = regularizers.weights_mask(params)
+    chosen = sorted(jax.tree_util.keystr(p) for p, m in
+                    jax.tree_util.tree_flatten_with_path(mask)[0] if m)
+    assert chosen == ["[3]['w_out']", "[3]['w_qkv']", "[4]['w']"]
+    grads = jax.grad(regularizers.l2)(params)
+    np.testing.assert_array_equal(grads[3]["w_qkv"], params[3]["w_qkv"])
+    assert not np.any(np.asarray(grads[3]["b_qkv"]))

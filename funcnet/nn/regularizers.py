@@ -3,8 +3,9 @@
 The lecture's update is ``Delta = -grad l - lambda grad Omega``; a regularizer here is
 just ``Omega``. The mask follows optax: a pytree of bools with the structure of the
 params, or a function ``params -> mask``. The default, :func:`weights_mask`, selects the
-leaves named ``"w"`` (dense, conv and locally connected kernels) and leaves biases
-(``"b"``) out.
+leaves named ``"w"`` or ``"w_..."`` (dense, conv, locally connected and embedding
+kernels, attention's ``w_qkv`` and ``w_out``) and leaves biases (``"b"``, ``"b_..."``),
+normalisation scales, tokens and position tables out.
 
 The backward rules: ``grad Omega`` for the lecture's update
 ``Delta = -grad l - lambda grad Omega``.
@@ -32,10 +33,14 @@ Mask = Any | Callable[[Any], Any]
 
 
 def weights_mask(params: Any) -> Any:
-    """``True`` for every leaf whose dict key is ``"w"``, ``False`` otherwise."""
+    """``True`` for every leaf whose dict key is ``"w"`` or starts with ``"w_"`` (the
+    kernels: attention has ``w_qkv`` and ``w_out``), ``False`` otherwise."""
 
     def is_weight(path, _leaf):
-        return bool(path) and isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key == "w"
+        if not path or not isinstance(path[-1], jax.tree_util.DictKey):
+            return False
+        key = path[-1].key
+        return isinstance(key, str) and (key == "w" or key.startswith("w_"))
 
     return jax.tree_util.tree_map_with_path(is_weight, params)
 
