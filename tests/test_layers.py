@@ -327,6 +327,17 @@ def test_flatten_keeps_the_batch():
     np.testing.assert_array_equal(fn.Flatten().apply({}, x), x.reshape(2, 12))
 
 
+@pytest.mark.parametrize("layer, out", [(fn.Flatten(), (0, 12)), (fn.Reshape((-1, 4)), (0, 3, 4))],
+                         ids=repr)
+def test_flatten_and_reshape_take_an_empty_batch(layer, out):
+    """N = 0 (a filtered-out batch, ``predict`` on nothing), as Conv, pooling and Dense do:
+    numpy cannot infer a -1 next to a zero batch, so the size is given explicitly."""
+    x = jnp.zeros((0, 3, 2, 2))
+    assert layer.apply({}, x).shape == out
+    dx = jax.grad(lambda x: jnp.sum(fn.vjp.manual(type(layer).op)(x, **layer.hyper())))(x)
+    assert dx.shape == x.shape
+
+
 def test_vmap_and_grad_apply_to_a_network():
     net = fn.models.digits_cnn()
     params = draw.params(net, (8, 8, 1))

@@ -27,15 +27,15 @@ def _batched(x: Any, where: str) -> jax.Array:
 def flatten(x: jax.Array) -> jax.Array:
     """``(N, d1, d2, ...) -> (N, d1 * d2 * ...)``."""
     x = _batched(x, "flatten")
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # explicit: also for N = 0
 
 
 def reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """``(N, ...) -> (N, *shape)``; ``shape`` excludes the batch axis and may hold one -1."""
     x = _batched(x, "reshape")
     target = _target_shape(shape, "reshape")
-    _reshaped(tuple(x.shape[1:]), target, "reshape")
-    return x.reshape(x.shape[0], *target)
+    # the inferred size explicit: numpy cannot infer a -1 next to a batch of N = 0
+    return x.reshape(x.shape[0], *_reshaped(tuple(x.shape[1:]), target, "reshape"))
 
 
 def _target_shape(shape: Any, where: str) -> tuple[int, ...]:
