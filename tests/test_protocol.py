@@ -204,6 +204,21 @@ def test_add_gate_distributes_and_copy_gate_adds():
     np.testing.assert_array_equal(dx, 32 * jnp.ones((1, 3)))
 
 
+@pytest.mark.parametrize("net, match", [
+    (fn.Residual(fn.Dense(1)), r"Residual: the body's output shape \(1,\) differs"),
+    (fn.Parallel([fn.Dense(1), fn.Dense(4)], merge="sum"), r"Parallel\(merge='sum'\)"),
+    (fn.Serial([fn.Dense(2), fn.Residual(fn.Dense(3))]),
+     r"Serial layer 1: Residual: the body.s output shape \(3,\)"),
+], ids=["residual", "parallel-sum", "nested"])
+def test_init_refuses_parts_that_do_not_fit_together(net, match):
+    """As a leaf layer's init validates its input shape: the error comes from init (and
+    param_shapes, init_state), not later from apply."""
+    for make in (lambda: net.init(jax.random.key(0), (4,)), lambda: net.param_shapes((4,)),
+                 lambda: net.init_state((4,))):
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
 def test_combinator_shape_errors_name_the_part():
     with pytest.raises(ValueError, match=r"Residual: the body's output shape \(2, 2, 4\) differs"):
         fn.Residual(fn.Conv(4, 3)).output_shape((4, 4, 4))

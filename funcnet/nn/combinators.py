@@ -115,14 +115,21 @@ class _Combinator(Layer):
                 raise self._where(i, e) from e
         return tuple(out)
 
+    def _map_trees(self, fn: Callable, input_shape: Shape) -> tuple:
+        """:meth:`_map_parts` for the parameter and state trees, once the parts are known
+        to fit together (a Residual's sum, a Parallel's merge), as a leaf layer's
+        ``param_specs`` validates its input shape."""
+        self.output_shape(input_shape)
+        return self._map_parts(fn, input_shape)
+
     def param_shapes(self, input_shape: Shape) -> tuple:
-        return self._map_parts(lambda p, s, i: p.param_shapes(s), input_shape)
+        return self._map_trees(lambda p, s, i: p.param_shapes(s), input_shape)
 
     def state_shapes(self, input_shape: Shape) -> tuple:
-        return self._map_parts(lambda p, s, i: p.state_shapes(s), input_shape)
+        return self._map_trees(lambda p, s, i: p.state_shapes(s), input_shape)
 
     def init_state(self, input_shape: Shape) -> tuple:
-        return self._map_parts(lambda p, s, i: p.init_state(s), input_shape)
+        return self._map_trees(lambda p, s, i: p.init_state(s), input_shape)
 
     def init_params(self, key: jax.Array, input_shape: Shape) -> tuple:
         """A tuple of each part's params, initialised with independent keys (``init``,
@@ -130,7 +137,7 @@ class _Combinator(Layer):
         this as one program)."""
         n = len(self.parts())
         keys = jax.random.split(key, max(n, 1))
-        return self._map_parts(lambda p, s, i: p.init(keys[i], s), input_shape)
+        return self._map_trees(lambda p, s, i: p.init(keys[i], s), input_shape)
 
     def check_input(self, x: Any) -> jax.Array:
         first = next(iter(self.sublayers()), None)
