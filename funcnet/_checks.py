@@ -109,6 +109,18 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
+def static_number(value: Any, name: str, where: str) -> None:
+    """Refuse a jax array where a static hyper-parameter (a Python or NumPy number) is
+    expected: under ``jit`` (and in funcnet's compiled eager calls) it is a tracer,
+    whose value the check cannot read."""
+    if isinstance(value, jax.Array):
+        raise TypeError(
+            f"{where}: {name} must be a Python or NumPy number (a static hyper-parameter), "
+            f"got a jax array of dtype {value.dtype} and shape {tuple(value.shape)}; pass "
+            f"float({name}) if it is concrete"
+        )
+
+
 def as_array(x: Any, what: str, where: str) -> Any:
     """``x`` as an array (JAX arrays, tracers and NumPy arrays pass unchanged; nested lists
     of numbers are converted); a ``TypeError`` naming ``what`` for anything else (a string,

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from funcnet import _checks
 from funcnet._eager import compiled_when_eager
 from funcnet.nn.base import RF, Layer, Rule, Shape, static
 
@@ -33,6 +34,7 @@ from funcnet.nn.base import RF, Layer, Rule, Shape, static
 
 def _check_rate(rate: Any, where: str) -> float:
     """``rate`` as a float in ``[0, 1)``, or an error naming ``where``."""
+    _checks.static_number(rate, "rate", where)
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
         raise TypeError(f"{where}: rate must be a float in [0, 1), got {rate!r}")
     rate = float(rate)

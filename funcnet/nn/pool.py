@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -176,7 +177,9 @@ def _safe_root(s: jax.Array, p: float) -> jax.Array:
 
 
 def _check_p(p: Any, where: str) -> float:
-    if isinstance(p, bool) or not isinstance(p, int | float) or not (1 <= p < float("inf")):
+    _checks.static_number(p, "p", where)
+    if isinstance(p, bool | np.bool_) or not isinstance(p, numbers.Real) \
+            or not (1 <= p < float("inf")):
         raise ValueError(f"{where}: p must be a finite number >= 1, got {p!r}")
     return float(p)
 
