@@ -19,15 +19,20 @@ A checkpoint is one ZIP archive (stored, uncompressed), readable by ``np.load`` 
 - ``leaf_NNNNN.npy`` — each leaf in the ``.npy`` format (``allow_pickle=False``). The ZIP
   CRC-32 of every member is checked on read.
 
-Writing is atomic: the archive goes to a temporary file ``.<name>.<8 random chars>.tmp``
-in the same directory, is flushed and ``fsync``-ed, then ``os.replace``-d over the target
-(and the directory is fsync-ed where the OS allows). An interrupted save leaves the
+Writing is atomic: the archive goes to a temporary file
+``.funcnet.<12 hex digits of the target name's SHA-256>.<8 random chars>.tmp`` in the same
+directory (a short name, so any legal target name works), is flushed and ``fsync``-ed, gets
+the permissions a plain ``open()`` would give the file (``0o666`` less the umask, or those of
+the file it replaces), then is ``os.replace``-d over the target (and the directory is
+fsync-ed where the OS allows). A path that is a symbolic link is written through: the link
+keeps pointing at its target, which gets the new content. An interrupted save leaves the
 previous checkpoint untouched; a save killed outright (power loss, ``SIGKILL``) can leave
 its temporary file behind, and the next save of the same target removes it (only files of
 exactly that pattern, and on POSIX only those no running save holds a lock on).
 
-Bad arguments (a path that is a directory or whose folder is missing, metadata that is
-not JSON, leaves that are not arrays) raise before anything is written. A manifest with a
+Bad arguments (a path that is a directory, an existing non-regular file such as a FIFO or
+a device, or whose folder is missing; metadata that is not JSON or has dict keys that are
+not strings; leaves that are not arrays) raise before anything is written. A manifest with a
 missing field or an unknown dtype raises :class:`CheckpointError` naming the file and the
 field.
 
@@ -62,6 +67,7 @@ restoring).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -171,7 +177,11 @@ def _check_leaf(leaf: Any, where: str) -> None:
 
 
 def _tmp_prefix(name: str) -> str:
-    return f".{name}."
+    """The start of the temporary files' names for the target ``name``: short whatever the
+    length of ``name`` (a name of the longest legal length must work too), and distinct per
+    target, so that only this target's stale temporaries are removed."""
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    return f".funcnet.{digest}."
 
 
 _TMP_SUFFIX = ".tmp"
@@ -220,6 +230,28 @@ def _remove_stale_temporaries(directory: str, name: str) -> list[str]:
     return removed
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS says (Linux), else by
+    setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode(path: str) -> int:
+    """The permissions ``path`` gets from an atomic write: those of the file it replaces,
+    else what ``open(path, "w")`` would create (``0o666`` less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def _locked_temporary(directory: str, name: str) -> tuple[int, str]:
     """A new temporary file for ``directory/name``, locked (POSIX) while it is written."""
     while True:
@@ -240,21 +272,32 @@ def _locked_temporary(directory: str, name: str) -> tuple[int, str]:
 def _atomic_file(path: str) -> Iterator[IO[bytes]]:
     """Yield a binary file whose content replaces ``path`` only once it is complete.
 
-    Removes this target's stale temporaries first. On any error (or ``KeyboardInterrupt``)
-    the temporary file is deleted and ``path`` keeps its old content.
+    A symbolic link is written through (its resolved target gets the content, the link
+    stays); the file gets the permissions of the one it replaces, else those a plain
+    ``open()`` gives. Removes this target's stale temporaries first. On any error (or
+    ``KeyboardInterrupt``) the temporary file is deleted and ``path`` keeps its old content.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
+    target = os.path.realpath(path)
+    directory, name = os.path.split(target)
     _remove_stale_temporaries(directory, name)
-    fd, tmp = _locked_temporary(directory, name)
+    try:
+        fd, tmp = _locked_temporary(directory, name)
+    except OSError as e:  # name the user's path, not the temporary's
+        if e.errno is None:
+            raise
+        raise OSError(  # the subclass of e.errno (PermissionError...)
+            e.errno, f"cannot write {path!r}: creating its temporary file failed: {e.strerror}"
+        ) from e
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
+            if hasattr(os, "fchmod"):  # mkstemp makes 0o600
+                os.fchmod(f.fileno(), _new_file_mode(target))
             os.fsync(f.fileno())
             if fcntl is None:  # pragma: no cover - Windows cannot replace an open file
                 f.close()
-            os.replace(tmp, path)  # POSIX: still locked, so no cleanup can take it
+            os.replace(tmp, target)  # POSIX: still locked, so no cleanup can take it
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -266,7 +309,10 @@ def _check_target(path: Any, where: str, create_parents: bool = False) -> str:
     """Validate a destination file path before any work; return it as a ``str``.
 
     Raises ``TypeError`` if it is not a path, ``ValueError`` if it is (or ends like) a
-    directory, or if its folder is missing (unless ``create_parents``) or is a file.
+    directory, exists but is not a regular file (a FIFO, a device, a socket), has a name
+    longer than its folder allows, or if its folder is missing (unless ``create_parents``
+    and ``path`` is not a symbolic link) or is a file. A symbolic link is checked by its
+    resolved target, which is what gets written.
     """
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"{where}: path must be a str or os.PathLike, got {path!r}")
@@ -277,7 +323,36 @@ def _check_target(path: Any, where: str, create_parents: bool = False) -> str:
         raise ValueError(f"{where}: path {path!r} names a directory; expected a file path")
     if os.path.isdir(path):
         raise ValueError(f"{where}: path {path!r} is a directory; expected a file path")
+    real = os.path.realpath(path)
+    via = f" (a symbolic link to {real!r})" if os.path.islink(path) else ""
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise ValueError(
+            f"{where}: path {path!r}{via} is {kind}; expected a regular file to write or "
+            f"replace (refusing to replace it)"
+        )
+    if via and not os.path.isdir(os.path.dirname(real)):
+        raise ValueError(
+            f"{where}: path {path!r}{via}: the directory {os.path.dirname(real)!r} of its "
+            f"target does not exist"
+        )
     directory = os.path.dirname(os.path.abspath(path))
+    limit = None
+    if os.path.isdir(os.path.dirname(real)):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # not on every OS
+            limit = os.pathconf(os.path.dirname(real), "PC_NAME_MAX")
+    size = len(os.fsencode(os.path.basename(real)))
+    if limit is not None and 0 < limit < size:
+        raise ValueError(
+            f"{where}: path {path!r}{via}: the file name is {size} bytes long, longer than the "
+            f"{limit} bytes its folder allows"
+        )
     if not os.path.isdir(directory):
         ancestor = directory
         while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
@@ -292,6 +367,25 @@ def _check_target(path: Any, where: str, create_parents: bool = False) -> str:
                 f"create it first"
             )
     return path
+
+
+def _check_json_keys(value: Any, where: str, arg: str = "metadata") -> None:
+    """Raise ``TypeError`` naming ``arg`` and the key if a dict inside ``value`` (at any
+    depth) has a key that is not a ``str``: ``json`` would turn it into a string (and drop
+    all but one of keys that then collide), so what is read back would differ."""
+    stack = [(value, arg)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise TypeError(
+                        f"{where}: {arg} must have str dict keys (JSON would rewrite the others "
+                        f"as strings), got the key {k!r} ({type(k).__name__}) in {at}"
+                    )
+                stack.append((item, f"{at}[{k!r}]"))
+        elif isinstance(v, list | tuple):
+            stack.extend((item, f"{at}[{i}]") for i, item in enumerate(v))
 
 
 def _host_leaves(leaves_with_paths: list) -> Iterator[tuple[str, np.ndarray, str]]:
@@ -334,7 +428,8 @@ def save(path: str | os.PathLike, tree: Any, metadata: Any = None) -> None:
         must exist. An existing file is replaced only once the new one is complete.
       tree: pytree whose leaves are arrays, numpy scalars, Python numbers or typed PRNG
         keys.
-      metadata: JSON-serialisable value stored alongside (epoch, history, config...).
+      metadata: JSON-serialisable value stored alongside (epoch, history, config...);
+        its dicts must have ``str`` keys (JSON would rewrite others), at any depth.
 
     Leaves may be sharded ``jax.Array``s, also arrays spread over several processes: then
     every process must call ``save`` with the same arguments; sharded leaves are gathered,
@@ -342,9 +437,12 @@ def save(path: str | os.PathLike, tree: Any, metadata: Any = None) -> None:
     module docstring).
 
     Raises:
-      ValueError: ``path`` is a directory, or its directory does not exist.
-      TypeError: ``path`` is not a path, ``metadata`` is not JSON-serialisable, or a leaf
-        is not an array or a number. All checked before anything is written.
+      ValueError: ``path`` is a directory or an existing file that is not a regular one
+        (a FIFO, a device), its name is too long, or its directory does not exist. A
+        symbolic link is written through: its target gets the checkpoint.
+      TypeError: ``path`` is not a path, ``metadata`` is not JSON-serialisable or has a
+        dict key that is not a ``str``, or a leaf is not an array or a number. All checked
+        before anything is written.
       RuntimeError: (several processes, on every process but 0) process 0 failed to
         write the file; process 0 raises its own error.
     """
@@ -353,6 +451,7 @@ def save(path: str | os.PathLike, tree: Any, metadata: Any = None) -> None:
         json.dumps(metadata)
     except (TypeError, ValueError) as e:
         raise TypeError(f"checkpoint.save: metadata must be JSON-serialisable ({e})") from e
+    _check_json_keys(metadata, "checkpoint.save")
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     for key_path, leaf in leaves_with_paths:
         _check_leaf(leaf, f"checkpoint.save: leaf {jax.tree_util.keystr(key_path)}")
@@ -548,13 +647,23 @@ def load(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], Any]:
 
 
 def _template_leaf_info(leaf: Any) -> tuple[tuple[int, ...], np.dtype, str]:
+    """``(shape, dtype, kind)`` of what the file must hold for this template leaf; the
+    dtype in native byte order (save stores native order, so byte order is not compared)."""
     if _is_prng_key(leaf):
-        data = jax.random.key_data(leaf)
-        return tuple(data.shape), np.dtype(data.dtype), f"prng_key:{jax.random.key_impl(leaf)}"
+        impl = []
+
+        def key_data(key):  # also for an abstract key (a ShapeDtypeStruct of a key dtype)
+            impl.append(str(jax.random.key_impl(key)))
+            return jax.random.key_data(key)
+
+        data = jax.eval_shape(key_data, leaf)
+        return tuple(data.shape), np.dtype(data.dtype), f"prng_key:{impl[0]}"
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):  # jax / numpy arrays, ShapeDtypeStruct
-        return tuple(leaf.shape), np.dtype(leaf.dtype), "array"
-    arr = np.asarray(leaf)
-    return arr.shape, arr.dtype, "array"
+        shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
+    else:
+        arr = np.asarray(leaf)
+        shape, dtype = arr.shape, arr.dtype
+    return shape, dtype.newbyteorder("="), "array"
 
 
 def restore(path: str | os.PathLike, template: Any) -> tuple[Any, Any]:
@@ -568,7 +677,10 @@ def restore(path: str | os.PathLike, template: Any) -> tuple[Any, Any]:
     sharding (replicated, batch-sharded, on one device...; a ``ShapeDtypeStruct``'s when it
     has one, else the default device), also a sharding over several processes, of which
     each process builds only its own shards; an uncommitted template leaf (as ``init`` and
-    ``jnp`` make them) gives an uncommitted array on the default device. Raises
+    ``jnp`` make them) gives an uncommitted array on the default device. A typed PRNG key
+    template leaf may be abstract too (``jax.eval_shape`` of a tree holding keys). Byte
+    order is not compared: a big-endian numpy template leaf (``'>i4'``) takes a stored
+    ``int32`` and gets it in native byte order (as every restored leaf is). Raises
     :class:`CheckpointError` if the paths, a shape or a dtype differ, if a template's
     sharding cannot hold its leaf, or if the file is truncated or corrupt.
     """
@@ -609,7 +721,12 @@ def restore(path: str | os.PathLike, template: Any) -> tuple[Any, Any]:
                 arr = _on_devices(arr, sharding, path, jax.tree_util.keystr(p))
             if kind.startswith("prng_key:"):
                 impl = kind.split(":", 1)[1]
-                out.append(jax.random.wrap_key_data(jnp.asarray(arr), impl=impl))
+                keys = jax.random.wrap_key_data(jnp.asarray(arr), impl=impl)
+                if isinstance(t_leaf, jax.ShapeDtypeStruct) and isinstance(
+                    getattr(t_leaf, "sharding", None), jax.sharding.Sharding
+                ):  # an abstract key's sharding is that of the keys, not of their data
+                    keys = jax.device_put(keys, t_leaf.sharding)
+                out.append(keys)
             elif sharding is not None or isinstance(
                 t_leaf, np.ndarray | np.generic | int | float | bool | complex
             ):

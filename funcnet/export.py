@@ -21,8 +21,11 @@ saying which; a program jax cannot deserialize (e.g. from a newer jax), a header
 is missing or malformed, or a header that disagrees with its program raise it too.
 
 ``save`` checks its arguments (path, platforms, dtype, batch, metadata, params) before
-tracing anything, and writes through a temporary file ``.<name>.<8 chars>.tmp`` that
-the next save of the same target removes if a killed save left it behind.
+tracing anything, and writes atomically as :mod:`funcnet.checkpoint` does: through a short
+temporary file ``.funcnet.<12 hex>.<8 chars>.tmp`` that the next save of the same target
+removes if a killed save left it behind, with the permissions a plain ``open()`` gives (or
+those of the file replaced), through a symbolic link to its target, and never over a FIFO
+or device.
 """
 
 from __future__ import annotations
@@ -152,7 +155,8 @@ def save(
         one otherwise.
       platforms: platforms to lower for, a sequence of ``"cpu"``, ``"cuda"``, ``"rocm"``,
         ``"tpu"`` (e.g. ``("cpu", "cuda")``); default: jax's default backend here.
-      metadata: extra JSON-serializable information stored in the header.
+      metadata: extra JSON-serializable information stored in the header; its dicts must
+        have ``str`` keys (JSON would rewrite others), at any depth.
       state: the network's state (BatchNorm's running statistics, e.g.
         ``fit(...).model_state``); default ``net.init_state(input_shape)``.
 
@@ -164,7 +168,7 @@ def save(
         written.
     """
     from funcnet import _checks
-    from funcnet.checkpoint import _check_target
+    from funcnet.checkpoint import _check_json_keys, _check_target
     from funcnet.layers import Layer
 
     target = _check_target(path, "export.save", create_parents=True)
@@ -183,6 +187,7 @@ def save(
         json.dumps(metadata or {})
     except (TypeError, ValueError) as e:
         raise TypeError(f"export.save: metadata must be JSON-serializable: {e}") from e
+    _check_json_keys(metadata, "export.save")
     # Check params and state against the network before tracing.
     if state is None:
         state = net.init_state(shape)

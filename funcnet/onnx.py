@@ -327,33 +327,101 @@ def check_onnx(
     """Run the ONNX file at ``path`` on the batch ``x`` with onnxruntime (CPU) and compare
     with funcnet's ``net.apply_with_state(params, state, x, train=False)[0]``.
 
+    ``x`` must have the model's input shape (its batch size too, for a model exported with
+    a fixed ``batch``). For a network that takes integer ids (e.g. ``Embedding``) its values
+    must be whole numbers in the int32 range (floats such as ``3.0`` are accepted); they
+    are passed as int32. NaNs compare equal to NaNs at the same places (``equal_nan``).
+
     Returns:
-      The largest absolute difference between the two outputs.
+      The largest absolute difference between the two outputs (0 where both are NaN or
+      the same infinity).
 
     Raises:
       ImportError: onnxruntime is not installed (``pip install 'funcnet[onnx]'``).
       FileNotFoundError: there is no file at ``path``.
-      AssertionError: the shapes differ, or the outputs by more than
-        ``atol + rtol * |funcnet's output|`` somewhere (the message says by how much).
+      ValueError: ``x`` does not have the model's input shape, or (integer ids) holds a
+        value that is not a whole number in the int32 range.
+      AssertionError: the shapes differ, NaNs are at different places, or the outputs
+        differ by more than ``atol + rtol * |funcnet's output|`` somewhere (the message
+        says by how much).
     """
     where = "onnx.check_onnx"
     ort = _require("onnxruntime", where)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: no such ONNX file: {os.fspath(path)!r}")
-    x = np.asarray(x, np.int32 if net.takes_integers() else np.float32)
+    x = _ids(x, where) if net.takes_integers() else np.asarray(x, np.float32)
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    model_input = session.get_inputs()[0]
+    _check_input_shape(where, path, model_input.shape, x.shape)
     if state is None:
         state = net.init_state(tuple(x.shape[1:]))
     want = np.asarray(_evaluate(net, params, state, x))
-    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    got = session.run(None, {model_input.name: x})[0]
     if got.shape != want.shape:
         raise AssertionError(
             f"{where}: {path}: onnxruntime's output has shape {got.shape}, funcnet's {want.shape}"
         )
-    diff = float(np.max(np.abs(got - want), initial=0.0))
-    if not np.allclose(got, want, rtol=rtol, atol=atol):
+    same = got == want  # also the same infinities, whose difference would be NaN
+    if np.issubdtype(got.dtype, np.inexact) or np.issubdtype(want.dtype, np.inexact):
+        nan_got, nan_want = np.isnan(got), np.isnan(want)
+        apart = nan_got != nan_want
+        if apart.any():
+            first = tuple(int(i) for i in np.argwhere(apart)[0])
+            raise AssertionError(
+                f"{where}: {path}: onnxruntime's output has NaN at {int(nan_got.sum())} "
+                f"places, funcnet's at {int(nan_want.sum())}; they differ at "
+                f"{int(apart.sum())} places (first at index {first}: onnxruntime "
+                f"{got[first]}, funcnet {want[first]})"
+            )
+        same |= nan_got & nan_want
+    gap = np.where(same, 0.0, np.abs(got.astype(np.float64) - want.astype(np.float64)))
+    diff = float(np.max(gap, initial=0.0))
+    if not np.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True):
         raise AssertionError(
             f"{where}: {path}: onnxruntime's output differs from funcnet's by up to "
             f"{diff:.3g} (rtol={rtol}, atol={atol})"
         )
     return diff
+
+
+def _ids(x: Any, where: str) -> np.ndarray:
+    """``x`` as int32 ids, refusing values a cast would change (fractions, NaN, too big)."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{where}: x must hold integer ids (the network's first layer takes ids), got "
+            f"dtype {arr.dtype}"
+        )
+    if arr.dtype.kind == "f" and arr.size:
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{where}: x must hold integer ids (the network's first layer takes ids), got "
+                f"{arr.dtype} values that are not whole numbers, e.g. {arr[first].item()!r} "
+                f"at index {first}"
+            )
+    info = np.iinfo(np.int32)
+    low, high = (arr.min().item(), arr.max().item()) if arr.size else (0, 0)
+    if low < info.min or high > info.max:
+        raise ValueError(
+            f"{where}: x must hold int32 ids, got values in [{low}, {high}], outside "
+            f"[{info.min}, {info.max}]"
+        )
+    return arr.astype(np.int32)
+
+
+def _check_input_shape(where: str, path: Any, expected: Sequence[Any], given: tuple) -> None:
+    """Raise ``ValueError`` if ``given`` does not fit the model's input shape ``expected``
+    (onnxruntime's: ints for fixed sizes, names or None for symbolic ones)."""
+    fits = len(expected) == len(given) and all(
+        not isinstance(e, int) or e == g for e, g in zip(expected, given, strict=False)
+    )
+    if not fits:
+        shown = tuple(e if isinstance(e, int) else (e or "?") for e in expected)
+        fixed = isinstance(expected[0], int) if expected else False
+        raise ValueError(
+            f"{where}: {path}: the model takes x of shape {shown}"
+            + (f" (its batch size is fixed at {expected[0]})" if fixed else "")
+            + f", got x of shape {tuple(given)}"
+        )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import stat
 import struct
 import zipfile
 from pathlib import Path
@@ -331,6 +332,14 @@ BAD_INPUTS = [
     ("ckpt.save/metadata-not-json",
      lambda c: checkpoint.save(c.p("m.ckpt"), c.tree, metadata={"f": object()}),
      TypeError, r"checkpoint\.save: metadata must be JSON-serialisable"),
+    ("ckpt.save/metadata-int-key",  # json would make it "1" and drop the colliding key
+     lambda c: checkpoint.save(c.p("m.ckpt"), c.tree, metadata={1: "one", "1": "uno"}),
+     TypeError, r"checkpoint\.save: metadata must have str dict keys .*got the key 1 \(int\) "
+                r"in metadata$"),
+    ("ckpt.save/metadata-nested-key",
+     lambda c: checkpoint.save(c.p("m.ckpt"), c.tree, metadata={"h": [{"ok": {2: 0}}]}),
+     TypeError, r"checkpoint\.save: metadata .*got the key 2 \(int\) in metadata\['h'\]\[0\]"
+                r"\['ok'\]"),
     ("ckpt.save/missing-folder", lambda c: checkpoint.save(c.p("no/x.ckpt"), c.tree),
      ValueError, r"checkpoint\.save: directory .*no' does not exist"),
     ("ckpt.save/path-is-directory", lambda c: checkpoint.save(c.p("folder"), c.tree),
@@ -438,6 +447,10 @@ BAD_INPUTS = [
     ("export.save/metadata-not-json",
      lambda c: export.save(c.p("p.fnx"), c.fnet, c.fparams, F_SHAPE, metadata={"f": object()}),
      TypeError, r"export\.save: metadata must be JSON-serializable"),
+    ("export.save/metadata-int-key",
+     lambda c: export.save(c.p("p.fnx"), c.fnet, c.fparams, F_SHAPE, metadata={"c": {3: 4}}),
+     TypeError, r"export\.save: metadata must have str dict keys .*got the key 3 \(int\) in "
+                r"metadata\['c'\]"),
     ("export.save/net-not-layer",
      lambda c: export.save(c.p("p.fnx"), lambda x: x, c.fparams, F_SHAPE),
      TypeError, r"export\.save: net must be a funcnet layer"),
@@ -564,13 +577,15 @@ def test_integer_input_export_accepts_its_dtype(c):
 def _litter(folder: Path, target: str) -> tuple[list[str], list[str]]:
     """Fake stale temporaries of ``target`` (the exact pattern), and unrelated files that
     look alike but must survive."""
-    stale = [f".{target}.abcd1234.tmp", f".{target}.x_9y_8z7.tmp"]
+    prefix = checkpoint._tmp_prefix(target)
+    stale = [f"{prefix}abcd1234.tmp", f"{prefix}x_9y_8z7.tmp"]
     keep = [
-        f".{target}.abc.tmp",  # too short for the pattern
-        f".{target}.abcd1234.tmp.keep",
-        f".{target}.ABCD1234.tmp",  # mkstemp never makes upper case
-        f".other{target}.abcd1234.tmp",  # another target
-        f"{target}.abcd1234.tmp",  # not hidden
+        f"{prefix}abc.tmp",  # too short for the pattern
+        f"{prefix}abcd1234.tmp.keep",
+        f"{prefix}ABCD1234.tmp",  # mkstemp never makes upper case
+        f"{checkpoint._tmp_prefix('other' + target)}abcd1234.tmp",  # another target
+        f"{prefix[1:]}abcd1234.tmp",  # not hidden
+        f".{target}.abcd1234.tmp",  # not a funcnet temporary
         "notes.txt",
     ]
     for name in stale + keep:
@@ -614,7 +629,7 @@ def test_the_temporary_a_save_writes_has_the_pattern_it_cleans(c, tmp_path, monk
 def test_a_temporary_another_save_is_writing_is_left_alone(c, tmp_path):
     fcntl = pytest.importorskip("fcntl")  # POSIX flock
 
-    busy = tmp_path / ".a.ckpt.busy0001.tmp"
+    busy = tmp_path / f"{checkpoint._tmp_prefix('a.ckpt')}busy0001.tmp"
     busy.write_bytes(b"being written")
     with open(busy, "rb") as f:  # what a running save holds
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -628,3 +643,86 @@ def test_export_still_creates_missing_parent_folders(c, tmp_path):
     path = export.save(tmp_path / "x" / "y" / "m.fnx", c.fnet, c.fparams, F_SHAPE)
     assert path.is_file()
     assert export.load(path)(np.ones((1, *F_SHAPE), np.float32)).shape == (1, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# Atomic writes behave like a plain open(): permissions, symbolic links, special files,
+# long names (checkpoint.save, export.save and write_idx share them)
+# ---------------------------------------------------------------------------------------
+
+
+def _savers(c):
+    """``(name, save(path))`` for each writer, and ``read(path)`` giving back its content."""
+    return {
+        "a.ckpt": (lambda p, v=1.0: checkpoint.save(p, {"w": np.full(2, v)}),
+                   lambda p: float(checkpoint.load(p)[0]["['w']"][0])),
+        "m.fnx": (lambda p, v=1.0: export.save(p, c.fnet, c.fparams, F_SHAPE,
+                                               metadata={"v": v}),
+                  lambda p: export.load(p).header["metadata"]["v"]),
+        "d.idx": (lambda p, v=1.0: data.write_idx(p, np.full(3, v, np.float32)),
+                  lambda p: float(data.read_idx(p)[0])),
+    }  # fmt: skip
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_saves_give_the_permissions_open_would(c, tmp_path, umask_027):
+    for name, (save, _) in _savers(c).items():
+        new, old = tmp_path / name, tmp_path / f"old_{name}"
+        save(new)  # a new file: 0o666 less the umask, not mkstemp's 0o600
+        assert oct(os.stat(new).st_mode & 0o777) == oct(0o640), name
+        old.write_bytes(b"previous")
+        os.chmod(old, 0o604)
+        save(old)  # a replaced file keeps its permissions
+        assert oct(os.stat(old).st_mode & 0o777) == oct(0o604), name
+
+
+def test_saves_write_through_a_symbolic_link(c, tmp_path):
+    for name, (save, read) in _savers(c).items():
+        real, link = tmp_path / f"epoch_10_{name}", tmp_path / f"latest_{name}"
+        save(real, 1.0)
+        link.symlink_to(real)
+        save(link, 2.0)
+        assert link.is_symlink() and os.readlink(link) == str(real), name
+        assert read(real) == 2.0, name
+        # A dangling link creates its target, as open() would.
+        dangling = tmp_path / f"dangling_{name}"
+        dangling.symlink_to(tmp_path / f"target_{name}")
+        save(dangling, 3.0)
+        assert dangling.is_symlink() and read(tmp_path / f"target_{name}") == 3.0, name
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo (POSIX)")
+def test_saves_refuse_to_replace_a_fifo(c, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "to_pipe"
+    link.symlink_to(fifo)
+    for name, (save, _) in _savers(c).items():
+        with pytest.raises(ValueError, match=rf"path '{fifo}' is a FIFO; expected a regular"):
+            save(fifo)
+        with pytest.raises(ValueError, match=rf"path '{link}' \(a symbolic link to "
+                                             rf"'{fifo}'\) is a FIFO"):  # fmt: skip
+            save(link)
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "to_pipe"]
+
+
+def test_saves_take_a_long_legal_name_and_name_a_too_long_one(c, tmp_path):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    for name, (save, read) in _savers(c).items():
+        longest = tmp_path / (name[0] * (limit - len(name)) + name)  # exactly the limit
+        save(longest, 4.0)
+        assert read(longest) == 4.0, name
+        too_long = tmp_path / (name[0] * (limit + 1 - len(name)) + name)
+        with pytest.raises(ValueError, match=rf"path '{too_long}': the file name is "
+                                             rf"{limit + 1} bytes long"):  # fmt: skip
+            save(too_long)
+    assert all(not p.name.endswith(".tmp") for p in tmp_path.iterdir())

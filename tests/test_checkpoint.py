@@ -198,6 +198,58 @@ def test_save_argument_errors(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_restore_into_an_abstract_template_with_prng_keys(tmp_path):
+    tree = {"key": jax.random.key(3), "keys": jax.random.split(jax.random.key(1), 2),
+            "rbg": jax.random.key(5, impl="rbg"), "w": jnp.arange(3.0)}  # fmt: skip
+    path = tmp_path / "k.ckpt"
+    checkpoint.save(path, tree)
+    restored, _ = checkpoint.restore(path, jax.eval_shape(lambda: tree))
+    for name in ("key", "keys", "rbg"):
+        assert jax.random.key_impl(restored[name]) == jax.random.key_impl(tree[name])
+        np.testing.assert_array_equal(jax.random.key_data(restored[name]),
+                                      jax.random.key_data(tree[name]))  # fmt: skip
+    np.testing.assert_array_equal(restored["w"], tree["w"])
+    # An abstract key with a sharding: the restored keys have it.
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    key_type = jax.eval_shape(lambda: tree["key"]).dtype
+    template = {**jax.eval_shape(lambda: tree),
+                "keys": jax.ShapeDtypeStruct((2,), key_type, sharding=sharding)}  # fmt: skip
+    restored, _ = checkpoint.restore(path, template)
+    assert restored["keys"].sharding == sharding
+    # A wrong abstract key (another impl) is a clear mismatch.
+    template = {**jax.eval_shape(lambda: tree), "rbg": jax.eval_shape(lambda: tree["key"])}
+    with pytest.raises(checkpoint.CheckpointError, match=r"leaf \['rbg'\] is prng_key:rbg"):
+        checkpoint.restore(path, template)
+
+
+def test_byte_order_is_not_compared_and_restores_native(tmp_path):
+    path = tmp_path / "be.ckpt"
+    checkpoint.save(path, {"a": np.arange(3, dtype=">i4"), "b": np.arange(2, dtype="<f8")})
+    template = {"a": np.zeros(3, ">i4"), "b": np.zeros(2, ">f8")}
+    restored, _ = checkpoint.restore(path, template)
+    assert restored["a"].dtype == np.dtype("int32") and restored["a"].dtype.isnative
+    assert restored["b"].dtype == np.dtype("float64") and restored["b"].dtype.isnative
+    np.testing.assert_array_equal(restored["a"], [0, 1, 2])
+    np.testing.assert_array_equal(restored["b"], [0.0, 1.0])
+    # A real dtype difference still raises, and says two different dtypes.
+    with pytest.raises(checkpoint.CheckpointError, match=r"int32\(3,\) in the file but array "
+                       r"int64\(3,\) in the template"):  # fmt: skip
+        checkpoint.restore(path, {"a": np.zeros(3, ">i8"), "b": template["b"]})
+
+
+@pytest.mark.parametrize("metadata, key, where", [
+    ({1: "one", "1": "uno"}, "1", r"in metadata$"),
+    ({"config": {"layers": [{"sizes": {3: 4}}]}}, "3", r"in metadata\['config'\]\['layers'\]\[0\]\['sizes'\]"),
+    ([{"a": 1}, {1.5: 0}], r"1\.5", r"in metadata\[1\]$"),
+    ({None: 0}, "None", "in metadata"),
+], ids=["int", "nested", "float-in-list", "none"])  # fmt: skip
+def test_metadata_dict_keys_must_be_strings(tmp_path, metadata, key, where):
+    with pytest.raises(TypeError, match=rf"checkpoint.save: metadata must have str dict keys.* "
+                                        rf"the key {key} .*{where}"):  # fmt: skip
+        checkpoint.save(tmp_path / "a.ckpt", {"w": np.ones(2)}, metadata=metadata)
+    assert os.listdir(tmp_path) == []
+
+
 def test_resume_from_mid_run_checkpoint_is_bitwise_identical(tmp_path):
     s = np.random.default_rng(0)
     x = s.normal(size=(40, 6)).astype(np.float32)

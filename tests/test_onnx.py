@@ -25,7 +25,7 @@ if sys.version_info < (3, 11):  # jax2onnx itself needs Python >= 3.11 (the onnx
 
 # Imported, not importorskip'ed: with the dev extra installed these tests must run.
 import onnx
-import onnxruntime
+import onnxruntime  # noqa: F401  (check_onnx needs it)
 from test_zoo_cnn import _quick_params
 
 from funcnet import onnx as fonnx
@@ -167,10 +167,20 @@ def test_integer_ids_fixed_batch_and_opsets(tmp_path):
         assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT32
         assert model.opset_import[0].version == opset
         assert fonnx.check_onnx(path, net, params, ids, **TOL) <= 1e-5
-    with pytest.raises(
-        onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument,
-        match=r"(?s)invalid dimensions for input: x.*Got: 2 Expected: 3",
-    ):
+    # Whole-number float ids are taken as the ids they are; fractions are refused, not
+    # truncated.
+    assert fonnx.check_onnx(path, net, params, ids.astype(np.float64), **TOL) <= 1e-5
+    fractional = ids + np.where(np.arange(5) == 3, 0.5, 0.0)
+    with pytest.raises(ValueError, match=r"onnx\.check_onnx: x must hold integer ids .*float64 "
+                                         r"values that are not whole numbers, e\.g\. [\d.]+5 at "
+                                         r"index \(0, 3\)"):  # fmt: skip
+        fonnx.check_onnx(path, net, params, fractional, **TOL)
+    with pytest.raises(ValueError, match=r"x must hold int32 ids, got values in \[0, 4294967296\]"):
+        fonnx.check_onnx(path, net, params, np.where(ids == ids[0, 0], 2**32, ids), **TOL)
+    # Another batch size than the fixed one: a clear error, not onnxruntime's.
+    with pytest.raises(ValueError, match=r"onnx\.check_onnx: .*ids23\.onnx: the model takes x of "
+                                         r"shape \(3, 5\) \(its batch size is fixed at 3\), got "
+                                         r"x of shape \(2, 5\)"):  # fmt: skip
         fonnx.check_onnx(path, net, params, ids[:2], **TOL)
 
 
@@ -288,3 +298,35 @@ def test_check_onnx_reports_a_mismatch(tmp_path, small_params):
         fonnx.check_onnx(path, SMALL, other, x)
     with pytest.raises(FileNotFoundError, match="no such ONNX file"):
         fonnx.check_onnx(tmp_path / "missing.onnx", SMALL, small_params, x)
+
+
+def test_check_onnx_nans_at_the_same_places_match(tmp_path, small_params):
+    path = fonnx.save_onnx(tmp_path / "net.onnx", SMALL, small_params, SMALL_SHAPE)
+    x = np.random.default_rng(0).normal(size=(3, 2, 2))
+    x[1, 0, 0] = np.nan  # a NaN input makes a whole row of Dense's output NaN, in both
+    assert fonnx.check_onnx(path, SMALL, small_params, x) <= 1e-5  # a number, not NaN
+    assert fonnx.check_onnx(path, SMALL, small_params, np.full((2, 2, 2), np.nan)) == 0.0
+    # NaN where funcnet has a number is still a mismatch (another params: NaN only in one).
+    nan_params = jax.tree_util.tree_map(np.asarray, small_params)
+    nan_params[1]["b"] = nan_params[1]["b"].copy()
+    nan_params[1]["b"][2] = np.nan
+    with pytest.raises(AssertionError, match=r"onnxruntime's output has NaN at 0 places, "
+                                             r"funcnet's at 3; they differ at 3 places \(first "
+                                             r"at index \(0, 2\)"):  # fmt: skip
+        fonnx.check_onnx(path, SMALL, nan_params, x[[0, 2]].repeat([1, 2], axis=0))
+
+
+def test_check_onnx_names_the_expected_and_given_shape(tmp_path, small_params):
+    path = fonnx.save_onnx(tmp_path / "net.onnx", SMALL, small_params, SMALL_SHAPE)
+    with pytest.raises(ValueError, match=r"onnx\.check_onnx: .*net\.onnx: the model takes x of "
+                                         r"shape \('N', 2, 2\), got x of shape \(2, 4\)"):  # fmt: skip
+        fonnx.check_onnx(path, SMALL, small_params, np.ones((2, 4)))
+
+
+def test_save_gives_the_permissions_open_would(tmp_path, small_params):
+    old = os.umask(0o027)
+    try:
+        path = fonnx.save_onnx(tmp_path / "net.onnx", SMALL, small_params, SMALL_SHAPE)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o640)
