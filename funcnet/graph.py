@@ -69,9 +69,13 @@ def abstract(tree: Any) -> Any:
 
 
 def forward(
-    net: Layer, input_shape: Shape, batch: int = 1, dtype: Any = jnp.float32
+    net: Layer, input_shape: Shape, batch: int = 1, dtype: Any = None
 ) -> tuple[Callable, tuple]:
     """The evaluation-mode forward pass of ``net`` as ``(fn, args)``.
+
+    ``dtype`` is the input's; default ``int32`` for a network that takes integer ids
+    (``net.takes_integers()``, e.g. ``Embedding`` first), else ``float32``, as
+    :func:`funcnet.export.save` chooses.
 
     ``fn(params, x) == net.apply(params, x)`` for a network without state, and
     ``fn(params, state, x) == net.apply_with_state(params, state, x)[0]`` for one with
@@ -82,6 +86,8 @@ def forward(
         raise TypeError(f"graph.forward: net must be a funcnet layer or Serial, got {net!r}")
     shape = _checks.input_shape_tuple(input_shape, "graph.forward")
     batch = _checks.positive_int(batch, "batch", "graph.forward")
+    if dtype is None:
+        dtype = jnp.int32 if net.takes_integers() else jnp.float32
     params = net.param_shapes(shape)
     x = jax.ShapeDtypeStruct((batch, *shape), dtype)
     if net.has_state(shape):
@@ -106,7 +112,7 @@ def _program(fn: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
                 f"got {len(args)} positional arguments after the network"
             )
         batch = kwargs.pop("batch", 1)
-        dtype = kwargs.pop("dtype", jnp.float32)
+        dtype = kwargs.pop("dtype", None)
         if kwargs:
             raise TypeError(f"graph: unexpected keyword arguments for a network: {sorted(kwargs)}")
         apply, fargs = forward(fn, args[0], batch, dtype)

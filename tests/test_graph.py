@@ -157,3 +157,39 @@ def test_enable_compilation_cache_validates(tmp_path):
         cache.enable_compilation_cache(f)
     with pytest.raises(ValueError, match="min_compile_time_secs"):
         cache.enable_compilation_cache(tmp_path, min_compile_time_secs=-1)
+
+
+def test_a_network_of_integer_ids_is_traced_with_int32_input():
+    """As export.save: an Embedding-first network (and, in summary, a user layer that
+    takes ids without its own FLOP count) gets int32 placeholders, not float32 ones
+    that its input check refuses."""
+    import dataclasses
+
+    net = fn.Serial([fn.Embedding(10, 4), fn.Flatten(), fn.Dense(2)])
+    assert "i32[1,5]" in str(graph.jaxpr(net, (5,)))
+    assert graph.cost_analysis(net, (5,)).flops > 0
+
+    @dataclasses.dataclass(frozen=True, repr=False)
+    class Lookup(fn.Layer):  # no flops(): summary measures it
+        def output_shape(self, s):
+            return (*s, 4)
+
+        def param_specs(self, s):
+            return {"table": (10, 4)}
+
+        def initializers(self):
+            return {"table": jax.nn.initializers.normal()}
+
+        def takes_integers(self):
+            return True
+
+        def check_input(self, x):
+            if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+                raise TypeError(f"Lookup: ids must be integers, got {jnp.asarray(x).dtype}")
+            return jnp.asarray(x)
+
+        def forward(self, params, state, x, *, key=None, train=False):
+            return jnp.take(params["table"], x, axis=0), state
+
+    text = str(fn.summary(fn.Serial([Lookup(), fn.Flatten(), fn.Dense(2)]), (5,)))
+    assert "Lookup()" in text and "82" in text
