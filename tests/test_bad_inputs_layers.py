@@ -217,6 +217,7 @@ BAD = [
     ("conv2d-w-complex", lambda: ops.conv2d(X4, jnp.ones((3, 3, 3, 2), jnp.complex64)), TypeError, r"conv2d: kernel w must have a real \(integer or floating\) dtype, got complex64"),
     ("conv2d-x-unbatched", lambda: ops.conv2d(jnp.ones((6, 6, 3)), jnp.ones((3, 3, 3, 2))), ValueError, r"conv2d: expected input x of rank 4 \(N, H, W, C\), got shape \(6, 6, 3\)"),
     ("conv2d-x-None", lambda: ops.conv2d(None, jnp.ones((3, 3, 3, 2))), TypeError, r"conv2d: input x must be an array of numbers, got NoneType None"),
+    ("conv2d-kernel-empty", lambda: ops.conv2d(X4, jnp.ones((0, 3, 3, 2))), ValueError, r"conv2d: kernel w must have no empty axis .* got shape \(0, 3, 3, 2\)"),
     ("conv2d-groups-0", lambda: ops.conv2d(X4, jnp.ones((3, 3, 3, 2)), groups=0), ValueError, r"conv2d: groups must be a positive int, got 0"),
     ("locally_connected2d-rank", lambda: ops.locally_connected2d(X2, jnp.ones((1, 1, 1, 1, 1, 1))), ValueError, r"locally_connected2d: expected input x of rank 4"),
     ("extract_patches-string", lambda: ops.extract_patches("img", 2, 1, "VALID"), TypeError, r"extract_patches: input x must be an array of numbers, got str 'img'"),

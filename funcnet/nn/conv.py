@@ -181,6 +181,9 @@ def check_conv2d(x, w, b, stride, padding, dilation, groups=1):
     _checks.check_rank(x.shape, 4, "input x", where, "N, H, W, C")
     _checks.check_rank(w.shape, 4, "kernel w", where, "KH, KW, C_in / groups, C_out")
     groups = _checks.positive_int(groups, "groups", where)
+    if min(w.shape) == 0:
+        raise ValueError(f"{where}: kernel w must have no empty axis (KH, KW, C_in / groups, "
+                         f"C_out all >= 1), got shape {w.shape}")
     if x.shape[3] != w.shape[2] * groups:
         raise ValueError(
             f"{where}: input x has {x.shape[3]} channels (shape {x.shape}) but kernel w "
