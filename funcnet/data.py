@@ -64,9 +64,18 @@ class Split(NamedTuple):
 
 def _as_array(v: Any, name: str, where: str) -> np.ndarray:
     try:
-        return np.asarray(v)
+        return _native(np.asarray(v))
     except (TypeError, ValueError) as e:  # ragged nested lists and the like
         raise ValueError(f"{where}: {name} is not a rectangular array ({e})") from e
+
+
+def _native(a: Any) -> Any:
+    """``a`` in the machine's byte order: a numpy array of big-endian dtype (``'>f4'``, what
+    ``read_idx(mmap=True)`` maps for float and int16 / int32 files), which JAX cannot take,
+    as a native copy; anything else as it is."""
+    if isinstance(a, np.ndarray) and not a.dtype.isnative:
+        return np.asarray(a, dtype=a.dtype.newbyteorder("="))
+    return a
 
 
 def _check_num_classes(num_classes: Any, where: str) -> None:
@@ -509,7 +518,8 @@ class ArrayBatches:
 
     ``source(epoch)`` returns an iterator over the batches of ``epoch`` (0-based):
     ``(x_batch, y_batch)`` numpy pairs of ``batch_size`` rows, the last one shorter when
-    ``batch_size`` does not divide ``N`` (left out with ``drop_remainder=True``);
+    ``batch_size`` does not divide ``N`` (left out with ``drop_remainder=True``), in the
+    machine's byte order (the rows of a big-endian IDX map are converted as they are read);
     ``len(source)`` is the number of batches per epoch. The order is :func:`fit`'s own:
     epoch ``e`` takes the rows in the order ``jax.random.permutation(fold_in(key(seed),
     e), N)`` (``range(N)`` with ``shuffle=False``), so
@@ -581,11 +591,12 @@ class ArrayBatches:
 
     def _read(self, a: Any, idx: np.ndarray) -> np.ndarray:
         if idx.size == 0:
-            return np.asarray(a[np.arange(0)])
+            return _native(np.asarray(a[np.arange(0)]))
         # each row read once, in strictly increasing order (h5py refuses anything else;
-        # a process's padded last batch repeats index 0)
+        # a process's padded last batch repeats index 0); big-endian rows (a mapped IDX
+        # file) in native byte order, as JAX takes them
         unique, inverse = np.unique(idx, return_inverse=True)
-        return np.asarray(a[unique])[inverse.reshape(-1)]
+        return _native(np.asarray(a[unique]))[inverse.reshape(-1)]
 
     def __call__(self, epoch: int):
         order = self.order(epoch)

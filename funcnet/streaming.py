@@ -8,7 +8,10 @@
 - or a re-iterable object, iterated afresh every epoch (a list of batches, a data loader
   whose ``iter()`` starts a new pass). A one-shot iterator (a generator object, for which
   ``iter(it) is it``) cannot give a second epoch and is refused: wrap it in a function
-  of the epoch.
+  of the epoch. Each call (each ``iter``) must give a fresh iterator: :func:`fit` reads
+  the first batch of epoch 0 for its checks, then asks for epoch 0 again, so a source
+  that gives the same iterator again, or a generator already started, is refused (a
+  ``TypeError``) rather than training without the batches already read.
 
 A batch is ``(x, y)`` or ``(x, y, w)`` with ``w`` ``(B,)`` per-example weights (0 marks
 padding). Every batch has at most ``batch_size`` rows, ``batch_size`` being the rows of
@@ -37,6 +40,7 @@ exactly the batches one process would).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -77,14 +81,28 @@ def check_source(source: Any, where: str) -> None:
             f"e.g. fit(net, params, lambda epoch: make_batches(epoch), ...)")
 
 
-def epoch_batches(source: Any, epoch: int, where: str) -> Iterator:
-    """A fresh iterator over the batches of ``epoch``."""
+def epoch_batches(source: Any, epoch: int, where: str, before: Any = None) -> Iterator:
+    """A fresh iterator over the batches of ``epoch``; ``before``: the iterator the source
+    gave the last time it was asked, which it must not give again."""
     batches = source(epoch) if callable(source) else source
     try:
-        return iter(batches)
+        it = iter(batches)
     except TypeError:
         raise TypeError(f"{where}: the batch source returned {type(batches).__name__} for "
                         f"epoch {epoch}, not an iterable of batches") from None
+    # a generator already started has lost the batches it gave; a fresh one has not run
+    started = inspect.isgenerator(it) and inspect.getgeneratorstate(it) != "GEN_CREATED"
+    if (before is not None and it is before) or started:
+        what = ("the iterator it gave before" if before is not None and it is before
+                else "an iterator that was already advanced")
+        raise TypeError(
+            f"{where}: the batch source gave, for epoch {epoch + 1}, {what} "
+            f"({type(it).__name__}), whose batches fit has partly or wholly read (the first "
+            f"batch of epoch 1 is read for the checks before training); the source must "
+            f"return a fresh iterable of the epoch's batches every time it is asked, e.g. "
+            f"fit(net, params, lambda epoch: make_batches(epoch), ...) or an object whose "
+            f"__iter__ starts a new pass")
+    return it
 
 
 def num_batches(source: Any) -> int | None:
@@ -109,14 +127,15 @@ def split_batch(batch: Any, where: str) -> tuple[Any, Any, Any]:
     return x, y, w
 
 
-def first_batch(source: Any, where: str) -> tuple[Any, Any, Any]:
-    """The first batch of epoch 0, for the shapes and dtypes checked before training."""
+def first_batch(source: Any, where: str) -> tuple[tuple[Any, Any, Any], Iterator]:
+    """The first batch of epoch 0, for the shapes and dtypes checked before training, and
+    the iterator it came from (:class:`StreamRunner` refuses to be given it again)."""
     it = epoch_batches(source, 0, where)
     try:
         batch = next(it)
     except StopIteration:
         raise ValueError(f"{where}: the batch source gave no batch for epoch 0") from None
-    return split_batch(batch, f"{where}: epoch 1, batch 1")
+    return split_batch(batch, f"{where}: epoch 1, batch 1"), it
 
 
 def _step_program(update: Callable, mesh: Any) -> Callable:
@@ -165,8 +184,11 @@ class StreamRunner:
 
     def __init__(self, update: Callable, source: Any, batch_size: int, *, x_like: Any,
                  y_like: Any, num_classes: int | None, integer_x: bool, mesh: Any = None,
-                 exact_last: bool = False, where: str = "fit"):
+                 exact_last: bool = False, where: str = "fit", before: Any = None):
         self.source, self.batch_size = source, int(batch_size)
+        # the iterator the source gave last (fit's first batch, then each epoch's): held,
+        # not its id, which a new iterator could reuse once the old one is freed
+        self._before = before
         self.mesh, self.exact_last, self.where = mesh, exact_last, where
         self._init = {"x_like": x_like, "y_like": y_like, "num_classes": num_classes,
                       "integer_x": integer_x, "mesh": mesh, "exact_last": exact_last,
@@ -184,14 +206,15 @@ class StreamRunner:
 
     def with_update(self, update: Callable) -> StreamRunner:
         """The same source and batching with another step body (fit's full-guard replay)."""
-        return StreamRunner(update, self.source, self.batch_size, **self._init)
+        return StreamRunner(update, self.source, self.batch_size, **self._init,
+                            before=self._before)
 
     # -- one batch ------------------------------------------------------------------------
 
     def _check(self, x: Any, y: Any, w: Any, where: str) -> tuple[Any, Any, np.ndarray]:
         arrays = []
         for name, a in (("x", x), ("y", y)):
-            if not isinstance(a, np.ndarray | jax.Array):
+            if not isinstance(a, jax.Array):  # numpy, native byte order (JAX takes no other)
                 a = _data._as_array(a, name, where)
             arrays.append(a)
         x, y = arrays
@@ -278,7 +301,8 @@ class StreamRunner:
         del key  # the source orders its own batches
         if self.mesh is not None:
             state, active = _parallel.replicate((state, active), self.mesh)
-        it = epoch_batches(self.source, epoch, self.where)
+        it = epoch_batches(self.source, epoch, self.where, self._before)
+        self._before = it
         collected = []
         for b in itertools.count():
             try:

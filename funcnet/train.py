@@ -331,9 +331,10 @@ def _check_bool(value: Any, name: str, where: str) -> bool:
 
 def _as_array(value: Any, name: str, where: str) -> Any:
     """``value`` as an array (jax arrays as they are, anything else through numpy), with
-    a named error for what numpy cannot make a numeric array of (ragged lists, objects)."""
+    a named error for what numpy cannot make a numeric array of (ragged lists, objects).
+    A big-endian numpy array (``read_idx(mmap=True)``) comes back in native byte order."""
     if isinstance(value, jax.Array | np.ndarray):
-        return value
+        return _data._native(value)
     if value is None:
         raise TypeError(f"{where}: {name} must be an array, got None")
     try:
@@ -348,7 +349,7 @@ def _as_array(value: Any, name: str, where: str) -> Any:
             f"{where}: {name} must be a numeric array, got {type(value).__name__} of "
             f"objects (e.g. ragged lists or None)"
         )
-    return arr
+    return _data._native(arr)
 
 
 def _not_a_train_state(value: Any, name: str, where: str) -> TypeError:
@@ -1290,6 +1291,121 @@ def _check_checkpoint(path: Any, where: str) -> str:
     return path
 
 
+_HISTORY = ("loss", "accuracy", "val_loss", "val_accuracy", "time")
+_FIT_KEYS = ("epoch", "history", "seed")  # what every checkpoint of fit's metadata has
+
+
+def _fit_metadata(path: str) -> tuple[dict | None, str | None]:
+    """``(metadata, None)`` when ``path`` is a checkpoint that :func:`fit` wrote, else
+    ``(None, what it is instead)``; reads the manifest only."""
+    try:
+        meta = _ckpt.read_metadata(path)
+    except _ckpt.CheckpointError as e:
+        msg, prefix = str(e), f"checkpoint {path!r}: "
+        return None, msg[len(prefix):] if msg.startswith(prefix) else msg
+    what = ("fit's metadata: the epochs done ('epoch'), the 'history' and the 'seed'; a file "
+            "of checkpoint.save has only the metadata given to it")
+    if not isinstance(meta, dict):
+        got = "no metadata" if meta is None else f"metadata of type {type(meta).__name__}"
+        return None, f"it has {got}, not {what}"
+    missing = [k for k in _FIT_KEYS if k not in meta]
+    if missing:
+        return None, (f"its metadata has no {', '.join(map(repr, missing))} (keys "
+                      f"{sorted(meta)}), not {what}")
+    epoch, history = meta["epoch"], meta["history"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return None, f"its metadata's 'epoch' must be a count of epochs >= 0, got {epoch!r}"
+    lengths = (None if not isinstance(history, dict) or
+               any(not isinstance(history.get(k), list) for k in _HISTORY)
+               else {k: len(history[k]) for k in _HISTORY})
+    if (lengths is None or any(lengths[k] != epoch for k in ("loss", "accuracy", "time"))
+            or lengths["val_loss"] != lengths["val_accuracy"]
+            or lengths["val_loss"] not in (0, epoch)):
+        got = (f"lists of lengths {lengths}" if lengths is not None else
+               f"the keys {sorted(history)}" if isinstance(history, dict) else
+               type(history).__name__)
+        return None, (f"its metadata's 'history' must hold the lists {list(_HISTORY)} of its "
+                      f"{epoch} epochs (val_* empty without validation_data), got {got}")
+    return meta, None
+
+
+def _existing_checkpoint(path: str, resume: bool, where: str) -> dict | None:
+    """Before training, what ``fit(checkpoint=path)`` finds there: with ``resume``, fit's
+    metadata of the checkpoint to continue from (``None`` when there is no file yet);
+    without, ``None`` once it is sure the file it will replace is one of fit's own
+    checkpoints (or empty), never a file of the user's (a data set, a checkpoint.save)."""
+    if not os.path.exists(path) or (not resume and os.path.getsize(path) == 0):
+        return None
+    meta, problem = _fit_metadata(path)
+    if problem is None:
+        return meta if resume else None
+    if resume:
+        raise ValueError(f"{where}: resume=True: checkpoint {path!r} is not a checkpoint that "
+                         f"fit wrote: {problem}; resume from a file of fit(checkpoint=...)")
+    raise ValueError(f"{where}: checkpoint {path!r} exists and is not a checkpoint that fit "
+                     f"wrote ({problem}); fit would replace it after the first epoch: give "
+                     f"another path (resume=False replaces only fit's own checkpoints)")
+
+
+def _examples(x: Any, x_np: Any, streaming: bool) -> int | None:
+    """The number of training examples, where known (arrays, ``ArrayBatches``)."""
+    if not streaming:
+        return int(x_np.shape[0])
+    return x.n if isinstance(x, _data.ArrayBatches) else None
+
+
+def _shuffles(x: Any, shuffle: bool, streaming: bool) -> bool | None:
+    """Whether the training data are shuffled, where known (arrays, ``ArrayBatches``)."""
+    if not streaming:
+        return shuffle
+    return x.shuffle if isinstance(x, _data.ArrayBatches) else None
+
+
+def _check_resume_settings(path: str, saved: dict, given: dict, where: str) -> None:
+    """The settings that make the run (seed, batching, validation) are those the
+    checkpoint's run had; a setting the checkpoint does not store, or that neither run
+    knows (the examples of a generator), is not compared."""
+    stored = dict(saved.get("settings") or {}, seed=saved["seed"])
+
+    def show(name, v):
+        if name == "validation_examples":
+            return "none" if v is None else f"{v} examples"
+        return repr(v)
+
+    diffs = []
+    for name, v in given.items():
+        if name not in stored:
+            continue
+        s = stored[name]
+        known = name == "validation_examples" or (s is not None and v is not None)
+        if known and s != v:
+            arg = "validation_data" if name == "validation_examples" else name
+            diffs.append(f"{arg}: {show(name, s)} in the checkpoint, {show(name, v)} given")
+    if diffs:
+        raise ValueError(
+            f"{where}: resume=True: checkpoint {path!r} was written by a run with other "
+            f"settings ({'; '.join(diffs)}); a resumed run must continue the same run (its "
+            f"history and stopping rules over the same data): give the same arguments, or "
+            f"start a new run (resume=False, or another checkpoint path)")
+
+
+def _saved_stopping(saved: dict) -> tuple[float, int, int | None]:
+    """``(best val_loss, epochs since it, its epoch (1-based) or None)`` of a checkpoint's
+    run: as stored, or (a checkpoint of an older fit) counted again from its history as
+    the epoch loop counts them."""
+    if "since_best" in saved:
+        best = saved.get("best_loss")
+        return (math.inf if best is None else float(best)), int(saved["since_best"]), (
+            saved.get("best_epoch"))
+    best, since, epoch = math.inf, 0, None
+    for i, v in enumerate(saved["history"]["val_loss"]):
+        if v is not None and v < best:
+            best, since, epoch = v, 0, i + 1
+        else:
+            since += 1
+    return best, since, epoch
+
+
 def _check_train_state(state: Any, optimizer: Any, where: str = "fit") -> TrainState:
     """``state`` is a :class:`TrainState` whose optimizer state fits ``optimizer``; returned
     as a copy (``fit`` donates its buffers; the caller's stay valid) with an int32 step."""
@@ -1415,8 +1531,9 @@ def fit(
     Keras' ``EarlyStopping(restore_best_weights=True)`` does. As there, the model is
     restored (``params`` and ``state.params``, with the network's state of that epoch in
     ``state.model_state``) while ``state.opt_state`` and ``state.step`` stay those of the
-    last epoch; the checkpoint file holds the last epoch. After ``resume`` the best is
-    taken over the resumed epochs only (the checkpoint keeps the last state, not the best).
+    last epoch; the checkpoint file holds the last epoch's state and, with
+    ``restore_best=True``, the best epoch's parameters and network state too, so a resumed
+    run returns the best of all its epochs, as the uninterrupted run does.
 
     Data: arrays ``x`` and ``y``, held on the device for the whole run (``batch_size``
     default 32), or a *batch source* given as ``x`` without ``y`` (:mod:`funcnet.streaming`):
@@ -1445,10 +1562,29 @@ def fit(
         (one compiled program per epoch); see :func:`choose_epoch_mode`.
       grad: gradient mode, see :func:`make_step`.
       progress: show a tqdm progress bar (a scanned epoch advances it once per epoch).
-      checkpoint: file to save ``{"state": TrainState}`` (and the history in the
-        metadata) after every epoch, atomically; its folder must exist and be writable.
-      resume: continue from ``checkpoint`` if it exists (bitwise the same result as an
-        uninterrupted run with the same arguments).
+      checkpoint: file to save ``{"state": TrainState}`` (with ``restore_best=True`` also
+        ``"best"``: the best epoch's ``params`` and ``model_state``) after every epoch,
+        atomically; its folder must exist and be writable. The metadata holds the epochs
+        done, the history, the seed, the settings ``resume`` compares and what the stopping
+        rules need (``best_loss``, ``since_best``, ``best_epoch``, ``stop_reason``: None
+        while the run goes on). A file already there must be a checkpoint that ``fit``
+        wrote, which a run with ``resume=False`` replaces (an empty file too); any other
+        file (a data set, a ``checkpoint.save`` of the user's) is refused before training,
+        so nothing the user saved is overwritten.
+      resume: continue from ``checkpoint`` if it exists: bitwise the same result as an
+        uninterrupted run with the same arguments (parameters, history, stop reason),
+        ``patience`` and ``restore_best`` included (their best ``val_loss`` and its
+        parameters come from the checkpoint). A run that stopped early (``patience``,
+        ``loss_threshold``) is returned as it ended, without training; one that ran all
+        its epochs continues to a larger ``epochs``. Refused before training: a file that
+        ``fit`` did not write (no fit metadata); settings other than the checkpoint's run's
+        (``seed``, the batch size, the number of examples and ``shuffle`` where known,
+        the epoch mode ``"loop"`` / ``"scan"``, and ``validation_data``: present or not and
+        its number of examples; a run validates from its first epoch or never, so its
+        history lines up and ``patience`` counts every epoch); ``restore_best=True`` on a
+        checkpoint written without it. ``epochs``, ``patience`` and ``loss_threshold`` may
+        change; the optimizer and the network must fit the stored state (checked by
+        :func:`funcnet.checkpoint.restore`), the rest (learning rate, loss) is not checked.
       state: start from this :class:`TrainState` instead of ``init_state(params, ...)``
         (copied: the caller's arrays stay valid); ``params`` is then ignored and
         ``model_state`` must be left out (the state carries its own).
@@ -1536,8 +1672,10 @@ def fit(
     elif _stream.is_source(x) and not isinstance(x, list | tuple):
         raise TypeError(f"fit: x is a batch source ({type(x).__name__}); give it without y "
                         f"(its batches carry the labels), or give x and y as arrays")
+    saved = None  # fit's metadata of the checkpoint to resume from
     if checkpoint is not None:
         checkpoint = _check_checkpoint(checkpoint, where)
+        saved = _existing_checkpoint(checkpoint, resume, where)
     if state is not None:
         if model_state is not None:
             raise ValueError("fit: give model_state or state, not both (a TrainState carries "
@@ -1549,9 +1687,9 @@ def fit(
                  "check_labels": streaming}
     update = _fit_update(update_args, update_kw)
 
-    source = None
+    source, first_it = None, None
     if streaming:  # the first batch stands in for the data set in the checks below
-        xb, yb, _ = _stream.first_batch(x, where)
+        (xb, yb, _), first_it = _stream.first_batch(x, where)
         x_np, y_np = _checked_data(net, _as_array(xb, "x", "fit: epoch 1, batch 1"),
                                    _as_array(yb, "y", "fit: epoch 1, batch 1"), None,
                                    "fit: epoch 1, batch 1")
@@ -1605,7 +1743,8 @@ def fit(
             update, source, x_np.shape[0] if streaming else source.batch_size
             // jax.process_count(), x_like=x_np, y_like=y_np,
             num_classes=_num_classes(net, x_np, where), integer_x=_takes_integers(net),
-            mesh=mesh, exact_last=mixes_batch(net), where=where)
+            mesh=mesh, exact_last=mixes_batch(net), where=where, before=first_it)
+        bs = x_np.shape[0] if streaming else source.batch_size  # the global batch
     else:
         bs = min(batch_size, x_np.shape[0])
         runner = EpochRunner(update, _checks.on_device(x_np), _checks.on_device(y_np), bs,
@@ -1615,28 +1754,47 @@ def fit(
             {"x": val.x, "y": val.y, "idx": val.idx, "w": val.w}, mesh))
 
     state = init_state(params, optimizer, model_state) if state is None else state
-    history: dict[str, list] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [],
-                                "time": []}
-    start = 0
-    if resume and os.path.exists(checkpoint):
-        restored, meta = _ckpt.restore(checkpoint, {"state": state})
+    history: dict[str, list] = {k: [] for k in _HISTORY}
+    # what a resumed run must share with the run that wrote the checkpoint
+    settings = {"batch_size": int(bs), "examples": _examples(x, x_np, streaming),
+                "shuffle": _shuffles(x, shuffle, streaming), "epoch_mode": mode,
+                "validation_examples": None if val is None else int(val.x.shape[0])}
+    start, stop_reason = 0, "epochs"
+    best_loss, best_model, since_best = math.inf, None, 0  # best val loss, its model, epochs
+    best_epoch = None
+    if saved is not None:
+        _check_resume_settings(checkpoint, saved, dict(settings, seed=seed), where)
+        best_loss, since_best, best_epoch = _saved_stopping(saved)
+        if restore_best and best_epoch is not None and not saved.get("best_saved", False):
+            raise ValueError(
+                f"{where}: resume=True with restore_best=True: checkpoint {checkpoint!r} holds "
+                f"no best parameters (its run had restore_best=False), so the best of its "
+                f"{saved['epoch']} epochs (epoch {best_epoch}) is lost; resume with "
+                f"restore_best=False, or start a new run")
+        template = {"state": state}
+        if saved.get("best_saved", False):
+            template["best"] = {"params": state.params, "model_state": state.model_state}
+        restored, _ = _ckpt.restore(checkpoint, template)
         state = restored["state"]
-        start = int(meta["epoch"])
-        history = {k: list(v) for k, v in meta["history"].items()}
+        if restore_best and "best" in restored:
+            best_model = (restored["best"]["params"], restored["best"]["model_state"])
+        start = saved["epoch"]
+        history = {k: list(saved["history"][k]) for k in _HISTORY}
+        if saved.get("stop_reason") in ("patience", "loss_threshold"):
+            stop_reason = saved["stop_reason"]  # the run stopped early: nothing to train
+    end = epochs if stop_reason == "epochs" else start
 
     seed_key = jax.random.key(seed)
-    best_loss, best_model, since_best = math.inf, None, 0  # best val loss, its model, epochs
-    stop_reason = "epochs"
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         per_epoch = runner.num_batches
-        bar = tqdm(total=None if per_epoch is None else (epochs - start) * per_epoch,
+        bar = tqdm(total=None if per_epoch is None else max(end - start, 0) * per_epoch,
                    unit="step", desc=f"fit {mode}", leave=True,
                    disable=jax.process_index() != 0)  # one bar for several processes
     try:
-        for epoch in range(start, epochs):
+        for epoch in range(start, end):
             t0 = time.perf_counter()
             start_state = _copy(state)  # the runner donates its input; kept for a replay
             active = _device_true()
@@ -1658,7 +1816,7 @@ def fit(
                 history["val_loss"].append(vl)
                 history["val_accuracy"].append(float(va) if val.with_acc else None)
                 if vl < best_loss:
-                    best_loss, since_best = vl, 0
+                    best_loss, since_best, best_epoch = vl, 0, epoch + 1
                     if restore_best:  # copies: the state's buffers are donated next epoch
                         best_model = _copy((state.params, state.model_state))
                 else:
@@ -1674,14 +1832,21 @@ def fit(
                         post["val_acc"] = f"{history['val_accuracy'][-1]:.4f}"
                 bar.set_postfix(post, refresh=False)
                 bar.set_description(f"fit {mode} epoch {epoch + 1}/{epochs}")
-            if checkpoint is not None:
-                _ckpt.save(checkpoint, {"state": state},
-                           metadata={"epoch": epoch + 1, "history": history, "seed": seed})
             if loss_threshold is not None and train_loss <= loss_threshold:
                 stop_reason = "loss_threshold"
-                break
-            if patience is not None and since_best >= patience:
+            elif patience is not None and since_best >= patience:
                 stop_reason = "patience"
+            if checkpoint is not None:
+                tree = {"state": state}
+                if restore_best and best_model is not None:
+                    tree["best"] = {"params": best_model[0], "model_state": best_model[1]}
+                _ckpt.save(checkpoint, tree, metadata={
+                    "epoch": epoch + 1, "history": history, "seed": seed, "settings": settings,
+                    "best_loss": None if best_epoch is None else best_loss,
+                    "since_best": since_best, "best_epoch": best_epoch,
+                    "stop_reason": None if stop_reason == "epochs" else stop_reason,
+                    "best_saved": "best" in tree})
+            if stop_reason != "epochs":
                 break
     finally:
         if bar is not None:

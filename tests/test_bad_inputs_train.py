@@ -349,3 +349,88 @@ def test_fit_leaves_the_callers_state_valid(d):
     r = train.fit(d.net, None, d.x, d.y, state=state, epochs=1, progress=False)
     assert int(r.state.step) == 1
     assert not state.params[1]["w"].is_deleted() and int(state.step) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# fit's checkpoint file: only its own checkpoints are resumed or replaced
+# ---------------------------------------------------------------------------------------
+
+
+def _refused_before_training(d, exc, pattern, path, **kw):
+    traces = d.loss.traces
+    before = open(path, "rb").read()
+    with pytest.raises(exc, match=pattern):
+        fit(d, **kw)
+    if "validation_data" not in kw:  # whose check traces the loss (without a step)
+        assert d.loss.traces == traces, "the loss was traced: the error came too late"
+    assert open(path, "rb").read() == before, "the file was changed"
+
+
+@pytest.mark.parametrize("meta, missing", [
+    (None, r"it has no metadata"),
+    ({"note": "mine"}, r"its metadata has no 'epoch', 'history', 'seed' \(keys \['note'\]\)"),
+    ({"epoch": 1}, r"its metadata has no 'history', 'seed'"),
+    ({"epoch": 1, "history": {"loss": [1.0]}, "seed": 0},
+     r"its metadata's 'history' must hold the lists .* got the keys \['loss'\]"),
+], ids=["none", "other", "epoch-only", "short-history"])
+def test_fit_resume_refuses_a_checkpoint_without_fits_metadata(d, tmp_path, meta, missing):
+    path = str(tmp_path / "mine.ckpt")
+    fn.checkpoint.save(path, {"state": d.state}, metadata=meta)  # the right tree, not fit's
+    _refused_before_training(
+        d, ValueError, rf"fit: resume=True: checkpoint '{path}' is not a checkpoint that fit "
+        rf"wrote: {missing}", path, checkpoint=path, resume=True, optimizer=d.sgd)
+
+
+def test_fit_refuses_to_overwrite_a_file_it_did_not_write(d, tmp_path):
+    data_set = str(tmp_path / "data.npz")
+    np.savez(data_set, x=d.x, y=d.y)
+    _refused_before_training(
+        d, ValueError, rf"fit: checkpoint '{data_set}' exists and is not a checkpoint that "
+        rf"fit wrote \(no __funcnet_checkpoint__\.json member; not a funcnet checkpoint\); "
+        rf"fit would replace it", data_set, checkpoint=data_set)
+    np.testing.assert_array_equal(np.load(data_set)["x"], d.x)
+    saved = str(tmp_path / "params.ckpt")  # the user's own checkpoint.save
+    fn.checkpoint.save(saved, d.params, metadata={"note": "best so far"})
+    _refused_before_training(d, ValueError, r"exists and is not a checkpoint that fit wrote "
+                             r"\(its metadata has no 'epoch'", saved, checkpoint=saved)
+    # fit's own checkpoint (and an empty file) are replaced by a run with resume=False
+    run = str(tmp_path / "run.ckpt")
+    fit(d, checkpoint=run, epochs=2, optimizer=d.sgd)
+    assert fn.checkpoint.read_metadata(run)["epoch"] == 2
+    fit(d, checkpoint=run, epochs=1, optimizer=d.sgd)
+    assert fn.checkpoint.read_metadata(run)["epoch"] == 1
+    empty = str(tmp_path / "empty.ckpt")
+    open(empty, "wb").close()
+    fit(d, checkpoint=empty, optimizer=d.sgd)
+    assert fn.checkpoint.read_metadata(empty)["epoch"] == 1
+
+
+def test_fit_resume_refuses_other_settings(d, tmp_path):
+    path = str(tmp_path / "run.ckpt")
+    kw = dict(checkpoint=path, optimizer=d.sgd, batch_size=2, seed=3)
+    fit(d, **kw)
+    resume = dict(kw, resume=True, epochs=2)
+    for change, pattern in [
+        ({"seed": 4}, r"seed: 3 in the checkpoint, 4 given"),
+        ({"batch_size": 4}, r"batch_size: 2 in the checkpoint, 4 given"),
+        ({"x": d.x[:3], "y": d.y[:3]}, r"examples: 4 in the checkpoint, 3 given"),
+        ({"shuffle": False}, r"shuffle: True in the checkpoint, False given"),
+        ({"epoch_mode": "loop"}, r"epoch_mode: 'scan' in the checkpoint, 'loop' given"),
+        ({"validation_data": (d.x, d.y)},
+         r"validation_data: none in the checkpoint, 4 examples given"),
+        ({"seed": 4, "batch_size": 4}, r"batch_size: 2 .* 4 given; seed: 3 .* 4 given"),
+    ]:
+        _refused_before_training(
+            d, ValueError, rf"fit: resume=True: checkpoint '{path}' was written by a run with "
+            rf"other settings \({pattern}\); .* give the same arguments", path,
+            **{**resume, **change})
+    # a run with validation data resumed without it, or asking for a best it did not keep
+    fit(d, **kw, validation_data=(d.x, d.y))
+    _refused_before_training(d, ValueError, r"validation_data: 4 examples in the checkpoint, "
+                             r"none given", path, **resume)
+    _refused_before_training(
+        d, ValueError, rf"fit: resume=True with restore_best=True: checkpoint '{path}' holds "
+        rf"no best parameters \(its run had restore_best=False\)", path, **resume,
+        validation_data=(d.x, d.y), restore_best=True)
+    r = fit(d, **resume, validation_data=(d.x, d.y))  # the same settings resume
+    assert len(r.history["val_loss"]) == 2 and int(r.state.step) == 4

@@ -349,6 +349,38 @@ def test_fit_refuses_bad_sources(xy):
         fit(net, lambda epoch: 3)
 
 
+def test_fit_refuses_a_source_that_gives_an_iterator_already_read(xy):
+    # fit reads the first batch of source(0) for its checks, then asks for epoch 0 again
+    x, y = xy
+    gen = ((x[i:i + BS], y[i:i + BS]) for i in range(0, N, BS))
+
+    class SharedStream:  # a re-iterable whose __iter__ hands out one shared stream
+        def __init__(self):
+            self.it = iter([(x[i:i + BS], y[i:i + BS]) for i in range(0, N, BS)])
+
+        def __iter__(self):
+            return self.it
+
+    started = ((x[i:i + BS], y[i:i + BS]) for i in range(0, N, BS))
+    next(started)
+    fresh = "the source must return a fresh iterable of the epoch's batches every time"
+    for source, what in [(lambda epoch: gen, "the iterator it gave before"),
+                         (SharedStream(), "the iterator it gave before"),
+                         (lambda epoch: started, "an iterator that was already advanced")]:
+        with pytest.raises(TypeError, match=rf"fit: the batch source gave, for epoch 1, "
+                                            rf"{what} .*{fresh}"):
+            fit(mlp(), source, epochs=1)
+    made = []
+
+    def spent_for_epoch_2(epoch):  # a fresh generator for epoch 0, epoch 1's again for 2
+        if epoch == 0:
+            made.append((x[i:i + BS], y[i:i + BS]) for i in range(0, N, BS))
+        return made[-1]
+
+    with pytest.raises(TypeError, match=rf"for epoch 2, the iterator it gave before .*{fresh}"):
+        fit(mlp(), spent_for_epoch_2, epochs=2)
+
+
 def test_padding_weights_are_refused_for_batchnorm(xy):
     x, y = xy
     src = data.ArrayBatches(x, y, BS, process=(1, 2))  # its last part is padded
@@ -356,6 +388,26 @@ def test_padding_weights_are_refused_for_batchnorm(xy):
         fit(bn_conv(), src)
     result = fit(mlp(), src, epochs=1)  # zero weights are fine without BatchNorm
     assert int(result.state.step) == 5
+
+
+def test_big_endian_memory_maps_train_as_native_arrays(xy, tmp_path):
+    # read_idx(mmap=True) maps float32 / int16 data in the file's big-endian order ('>f4')
+    x, y = xy
+    data.write_idx(tmp_path / "x.idx", x, compress=False)
+    data.write_idx(tmp_path / "y.idx", y.astype(np.int16), compress=False)
+    xm, ym = data.read_idx(tmp_path / "x.idx", mmap=True), data.read_idx(tmp_path / "y.idx",
+                                                                           mmap=True)
+    assert (xm.dtype.str, ym.dtype.str) == (">f4", ">i2")
+    xb, yb = next(data.ArrayBatches(xm, ym, BS)(0))
+    assert xb.dtype == np.float32 and xb.dtype.isnative and yb.dtype.isnative
+    native = fit(mlp(), data.ArrayBatches(x, y, BS, seed=5), validation_data=(x, y))
+    mapped = fit(mlp(), data.ArrayBatches(xm, ym, BS, seed=5), validation_data=(xm, ym))
+    assert_same_training(native, mapped)
+    assert native.history["val_loss"] == mapped.history["val_loss"]
+    # a source of big-endian batches of its own
+    own = fit(mlp(), lambda epoch: ((b[0].astype(">f4"), b[1].astype(">i4"))
+                                    for b in data.ArrayBatches(x, y, BS, seed=5)(epoch)))
+    assert_same_training(fit(mlp(), data.ArrayBatches(x, y, BS, seed=5)), own)
 
 
 def test_read_idx_mmap(tmp_path):

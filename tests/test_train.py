@@ -396,3 +396,70 @@ def test_fit_scans_a_conv_net_by_default_and_loops_it_with_autodiff(monkeypatch)
     for grad in ("auto", "autodiff"):
         train.fit(net, params, x, y, epochs=1, batch_size=4, grad=grad, progress=False)
     assert modes == ["scan", "loop"]
+
+
+# ---------------------------------------------------------------------------------------
+# Resume: the stopping rules continue, the run's settings are compared
+# ---------------------------------------------------------------------------------------
+
+
+def _assert_same_run(a, b):
+    for u, v in zip(jax.tree_util.tree_leaves((a.params, a.state)),
+                    jax.tree_util.tree_leaves((b.params, b.state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert a.history[k] == b.history[k], k
+    assert a.stop_reason == b.stop_reason
+
+
+def _stopping_run():
+    """val_loss 1.739 2.154 1.661 1.842 1.785: the best at epoch 3, patience=2 stops at 5."""
+    x, y = _toy(n=24)
+    net = models.mlp([8], 3)
+    kw = dict(optimizer=optax.sgd(0.3), batch_size=8, validation_data=_toy(n=12, seed=9),
+              patience=2, restore_best=True, progress=False)
+    return net, draw.params(net, (6,)), x, y, kw
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_resume_with_patience_and_restore_best_is_the_uninterrupted_run(tmp_path, k):
+    net, params, x, y, kw = _stopping_run()
+    full = train.fit(net, params, x, y, epochs=12, **kw)
+    assert full.stop_reason == "patience" and len(full.history["loss"]) == 5
+    path = tmp_path / "run.ckpt"
+    train.fit(net, params, x, y, epochs=k, checkpoint=path, **kw)  # interrupted after k
+    resumed = train.fit(net, params, x, y, epochs=12, checkpoint=path, resume=True, **kw)
+    _assert_same_run(resumed, full)  # the best epoch's params, stopped after 5 epochs
+
+
+def test_resuming_a_run_that_stopped_early_returns_it_without_training(tmp_path):
+    net, params, x, y, kw = _stopping_run()
+    path = tmp_path / "run.ckpt"
+    full = train.fit(net, params, x, y, epochs=12, checkpoint=path, **kw)
+    meta = fn.checkpoint.read_metadata(path)
+    assert (meta["stop_reason"], meta["best_epoch"], meta["since_best"]) == ("patience", 3, 2)
+    again = train.fit(net, params, x, y, epochs=12, checkpoint=path, resume=True, **kw)
+    _assert_same_run(again, full)
+    assert int(again.state.step) == 5 * 3 and fn.checkpoint.read_metadata(path) == meta
+
+    kw = {k: v for k, v in kw.items() if k not in ("patience", "restore_best")}
+    first = train.fit(net, params, x, y, epochs=12, checkpoint=path, loss_threshold=1.2, **kw)
+    assert first.stop_reason == "loss_threshold"
+    again = train.fit(net, params, x, y, epochs=12, checkpoint=path, loss_threshold=1.2,
+                      resume=True, **kw)
+    _assert_same_run(again, first)
+
+
+def test_big_endian_data_trains_evaluates_and_predicts_as_native():
+    # read_idx(mmap=True) maps float32 / int16 / int32 IDX data as '>f4' / '>i2' / '>i4'
+    x, y = _toy(n=20)
+    xb, yb = x.astype(">f4"), y.astype(">i2")
+    net = models.mlp([8], 3)
+    params = draw.params(net, (6,))
+    kw = dict(epochs=2, batch_size=8, progress=False)
+    native = train.fit(net, params, x, y, validation_data=(x, y), **kw)
+    big = train.fit(net, params, xb, yb, validation_data=(xb, yb), **kw)
+    _assert_same_run(big, native)
+    assert train.evaluate(net, native.params, xb, yb) == train.evaluate(net, native.params, x, y)
+    np.testing.assert_array_equal(train.predict(net, native.params, xb),
+                                  train.predict(net, native.params, x))
