@@ -69,6 +69,13 @@ def _as_array(v: Any, name: str, where: str) -> np.ndarray:
         raise ValueError(f"{where}: {name} is not a rectangular array ({e})") from e
 
 
+def _describe_value(v: Any) -> str:
+    if isinstance(v, np.ndarray):
+        return f"an array of shape {v.shape}"
+    text = repr(v)
+    return f"{type(v).__name__} {text[:57] + '...' if len(text) > 60 else text}"
+
+
 def _native(a: Any) -> Any:
     """``a`` in the machine's byte order: a numpy array of big-endian dtype (``'>f4'``, what
     ``read_idx(mmap=True)`` maps for float and int16 / int32 files), which JAX cannot take,
@@ -620,8 +627,31 @@ class ArrayBatches:
             if self.transform is not None:
                 part = () if self.process is None else (self.process[0],)
                 rng = np.random.default_rng([self.seed, epoch, b, *part])
-                xb, yb = self.transform(xb, yb, rng)
+                xb, yb = self._transformed(xb, yb, rng, epoch, b)
             yield (xb, yb) if w is None else (xb, yb, w)
+
+    def _transformed(self, xb: np.ndarray, yb: np.ndarray, rng: Any, epoch: int,
+                     b: int) -> tuple[Any, Any]:
+        """``transform(xb, yb, rng)``, its failures and a result that is not an ``(x, y)``
+        pair of ``B`` rows each named with the batch (not numpy's unpacking errors)."""
+        where = f"ArrayBatches: transform, epoch {epoch + 1}, batch {b + 1}"
+        try:
+            out = self.transform(xb, yb, rng)
+        except TypeError as e:
+            if "positional argument" in str(e) or "keyword argument" in str(e):
+                raise TypeError(f"{where}: transform must take (x, y, rng) and return (x, y): "
+                                f"{e}") from e
+            raise
+        if not isinstance(out, tuple | list) or len(out) != 2:
+            got = (f"a {type(out).__name__} of {len(out)} items"
+                   if isinstance(out, tuple | list) else _describe_value(out))
+            raise TypeError(f"{where}: transform must return the pair (x, y), got {got}")
+        rows = xb.shape[0]
+        for name, a in zip(("x", "y"), out, strict=True):
+            if np.ndim(a) < 1 or np.shape(a)[0] != rows:
+                raise ValueError(f"{where}: transform must return x and y of {rows} rows "
+                                 f"(the batch's), got {name} of shape {np.shape(a)}")
+        return out[0], out[1]
 
     def __repr__(self) -> str:
         return (f"ArrayBatches(N={self.n}, batch_size={self.batch_size}, "

@@ -172,3 +172,19 @@ def test_check_dataset_errors():
         data.check_dataset(x, np.array(["a"] * 4))
     _, ys = data.check_dataset(x, np.array([0, 1, 2, 1], np.int64), num_classes=3)
     assert ys.dtype == np.int32
+
+
+@pytest.mark.parametrize("transform, exc, match", [
+    (lambda x, y, rng: None, TypeError, r"transform must return the pair \(x, y\), got NoneType"),
+    (lambda x, y, rng: x, TypeError, r"the pair \(x, y\), got an array of shape \(4, 3\)"),
+    (lambda x, y, rng: (x, y, rng), TypeError, r"the pair \(x, y\), got a tuple of 3 items"),
+    (lambda x, y: (x, y), TypeError, r"must take \(x, y, rng\) and return \(x, y\): .*"
+                                     r"takes 2 positional arguments"),
+    (lambda x, y, rng: (x[:2], y), ValueError, r"x and y of 4 rows .* got x of shape \(2, 3\)"),
+], ids=["none", "x-only", "triple", "signature", "rows"])
+def test_a_misused_transform_is_named_with_its_batch(transform, exc, match):
+    """Not numpy's unpacking errors ('too many values to unpack' of a batch's rows)."""
+    x, y = np.zeros((10, 3), np.float32), np.arange(10) % 2
+    batches = data.ArrayBatches(x, y, 4, transform=transform)
+    with pytest.raises(exc, match=r"^ArrayBatches: transform, epoch 1, batch 1: .*" + match):
+        next(iter(batches(0)))
