@@ -255,7 +255,15 @@ class StreamRunner:
                                  f"got {w.dtype} {w.shape}")
             if not np.all(np.isfinite(w)) or np.any(w < 0):
                 raise ValueError(f"{where}: w must be finite and >= 0")
+            total = np.sum(w, dtype=np.float64)
+            if total > np.finfo(self.w_dtype).max:  # the cast (or the loss's sum) overflows
+                raise ValueError(f"{where}: w overflows the training dtype {self.w_dtype}: "
+                                 f"weights up to {float(np.max(w)):g}, sum {total:g}; "
+                                 f"scale them down")
             w = w.astype(self.w_dtype)
+            if self.processes == 1 and total == 0:  # 0 / 0: the batch's loss would be NaN
+                raise ValueError(f"{where}: w are all 0, so the batch's weighted mean loss is "
+                                 f"undefined; leave such a batch out")
             if self.exact_last and not np.all(w > 0):
                 raise ValueError(
                     f"{where}: the batch has rows of weight 0 (padding), but the network has "

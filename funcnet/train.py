@@ -207,11 +207,33 @@ def weighted_loss(loss_fn: Loss, *, where: str = "weighted_loss") -> Loss:
 
     def f(outputs, yw):
         y, w = yw
-        per_example = jax.vmap(one)(outputs, y)
+        try:
+            per_example = jax.vmap(one)(outputs, y)
+        except (ValueError, TypeError):  # said for the batch, if the loss refuses it too
+            _check_batch_loss(loss_fn, outputs, y, where)
+            raise
         return jnp.sum(w * per_example) / jnp.sum(w)
 
     f.base_loss = loss_fn  # lets a grad mode recognise the loss it wraps
     return f
+
+
+def _check_batch_loss(loss_fn: Loss, outputs: Any, y: Any, where: str) -> None:
+    """Trace ``loss_fn`` on the whole batch's shapes (no computation; only once the
+    per-example trace failed), so that a loss that refuses ``outputs`` and ``y`` says so
+    for the batch ((16, 1) and (16,)), not for the single examples the weighted loss
+    applies it to ((1, 1) and (1,))."""
+    spec = functools.partial(jax.tree_util.tree_map,
+                             lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)))
+    try:
+        jax.eval_shape(loss_fn, spec(outputs), spec(y))
+    except (ValueError, TypeError) as e:
+        if type(e) not in (ValueError, TypeError):
+            raise
+        raise type(e)(f"{where}: the loss refuses the network's outputs of shape "
+                      f"{tuple(jnp.shape(outputs))} and y of shape "
+                      f"{tuple(jnp.shape(y)) if hasattr(y, 'shape') else type(y).__name__}: "
+                      f"{e}") from e
 
 
 def _has_rule(loss_fn: Any) -> bool:
@@ -1555,7 +1577,11 @@ def fit(
 
     Args:
       net, params: the network and its initial parameters (not modified).
-      loss: ``loss(outputs, y)``, the batch mean; default softmax cross-entropy.
+      loss: ``loss(outputs, y)``, the batch mean; default softmax cross-entropy. ``fit``
+        (and :func:`evaluate`) apply it to each example and average with the examples'
+        weights (padding rows weigh 0), so it must be a mean of per-example terms: a loss
+        of the whole batch (RMSE, a contrastive or batch-statistics loss) would train as
+        the mean of its one-example values; train such a loss with :func:`make_step`.
       optimizer: optax optimizer; default ``optax.sgd(0.1)``.
       regularizer, lam: ``lam * regularizer(params)`` is added to the loss.
       epoch_mode: ``"auto"``, ``"loop"`` (Python loop over a jitted step) or ``"scan"``

@@ -298,7 +298,8 @@ def _batches(x, y, bad=None, at=2):
         for b in range(4):
             xb, yb = x[b * BS:(b + 1) * BS], y[b * BS:(b + 1) * BS]
             if epoch == 0 and b == at and bad is not None:
-                xb, yb = bad(xb.copy(), yb.copy())
+                yield bad(xb.copy(), yb.copy())  # (x, y) or (x, y, w)
+                continue
             yield xb, yb
     return source
 
@@ -317,6 +318,10 @@ def _batches(x, y, bad=None, at=2):
     (lambda x, y: (np.where(x > 1, np.inf, x), y), ValueError,
      "epoch 1, batch 3: x contains non-finite values"),
     (lambda x, y: (x, y + 5), ValueError, r"epoch 1, batch 3: labels must lie in \[0, 3\)"),
+    (lambda x, y: (x, y, np.zeros(len(y))), ValueError,
+     r"epoch 1, batch 3: w are all 0, so the batch's weighted mean loss is undefined"),
+    (lambda x, y: (x, y, np.full(len(y), 1e39)), ValueError,
+     r"epoch 1, batch 3: w overflows the training dtype float32: weights up to 1e\+39"),
 ])
 def test_fit_refuses_a_bad_batch_naming_it(xy, bad, exc, match):
     x, y = xy
