@@ -525,6 +525,14 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0, where=
             f"cast), got grad={grad!r}"
         )
     else:  # other plug-in modes only return (loss, grads), for nets without state
+        random = [layer for layer in iter_layers(net) if layer.stochastic] \
+            if isinstance(net, Layer) else []
+        if random:
+            raise ValueError(
+                f"{where}: a custom grad callable value_and_grad(net, loss)(params, x, y) gets "
+                f"no PRNG key and runs the network in evaluation mode, so {random[0]!r} would "
+                f"never drop anything; use grad='autodiff' or grad='manual' (they thread the "
+                f"key and the training mode)")
         vg_plain, vg_weighted = factory(net, plain), factory(net, wloss)
     if manual and regularizer in _vjp.regularizers.GRADS:
         reg_value_and_grad = _vjp.regularizer_value_and_grad(regularizer)
@@ -537,6 +545,11 @@ def _make_update(net, loss_fn, optimizer, regularizer, lam, grad, seed=0, where=
         if factory is autodiff_value_and_grad or manual:
             key = jax.random.fold_in(root, state.step)
             return vg(state.params, state.model_state, x, yw, key, True)
+        if jax.tree_util.tree_leaves(state.model_state):  # known once traced
+            raise ValueError(
+                f"{where}: a custom grad callable value_and_grad(net, loss)(params, x, y) gets "
+                f"no network state, so the network's state (e.g. BatchNorm's running "
+                f"statistics) would never be updated; use grad='autodiff' or grad='manual'")
         loss, grads = vg(state.params, x, yw)
         return loss, grads, state.model_state, net.apply(state.params, x)
 

@@ -450,3 +450,22 @@ def test_a_loss_that_refuses_the_batch_is_named_with_the_batch_shapes():
     with pytest.raises(ValueError, match=r"^evaluate: the loss refuses the network's outputs "
                                          r"of shape \(16, 1\) and y of shape \(16,\)"):
         train.evaluate(net, params, x, y, loss=fn.losses.quadratic)
+
+
+def test_a_custom_grad_is_refused_for_dropout_and_state():
+    """A custom ``grad`` callable gets (params, x, y): no key, no state, evaluation mode.
+    Dropout trained silently without dropping; BatchNorm failed inside apply."""
+    def my_grad(net, loss_fn):
+        return lambda p, x, y: jax.value_and_grad(lambda q: loss_fn(net.apply(q, x), y))(p)
+
+    x, y = np.ones((8, 3), np.float32), np.arange(8) % 3
+    for layer, match in ((fn.Dropout(0.5), r"so Dropout\(0\.5\) would never drop anything"),
+                         (fn.BatchNorm(), r"would never be updated")):
+        net = fn.Serial([fn.Dense(4), layer, fn.Dense(3)])
+        params = net.init(jax.random.key(0), (3,))
+        with pytest.raises(ValueError, match=r"^fit: a custom grad callable .*" + match):
+            train.fit(net, params, x, y, grad=my_grad, epochs=1, progress=False)
+    net = fn.Serial([fn.Dense(4), fn.ReLU(), fn.Dense(3)])  # still trains a plain network
+    plain = train.fit(net, net.init(jax.random.key(0), (3,)), x, y, grad=my_grad, epochs=1,
+                      progress=False)
+    assert np.isfinite(plain.history["loss"][0])
