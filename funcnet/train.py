@@ -1626,7 +1626,9 @@ def fit(
         :func:`funcnet.checkpoint.restore`), the rest (learning rate, loss) is not checked.
       state: start from this :class:`TrainState` instead of ``init_state(params, ...)``
         (copied: the caller's arrays stay valid); ``params`` is then ignored and
-        ``model_state`` must be left out (the state carries its own).
+        ``model_state`` must be left out (the state carries its own). With ``resume`` and
+        an existing checkpoint the run continues from the checkpoint's state; ``state``
+        (like ``params``) then only gives the structure the checkpoint must match.
       model_state: the network's initial state (default ``net.init_state``).
       devices: ``None`` (one device), ``"all"`` (every device), a sequence of
         devices, or a ``jax.sharding.Mesh`` with a ``"data"`` axis: data-parallel
