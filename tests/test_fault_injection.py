@@ -27,7 +27,8 @@ pytestmark = [
 
 TRIALS = 6
 BUDGET_S = 20.0  # stop adding trials after this (at least 3 always run)
-TEMPORARY = re.compile(r"\.run\.ckpt\.[a-z0-9_]{8}\.tmp")  # what a save of run.ckpt writes
+# what a save of run.ckpt writes: checkpoint._tmp_prefix("run.ckpt"), 8 random characters
+TEMPORARY = re.compile(re.escape(checkpoint._tmp_prefix("run.ckpt")) + r"[a-z0-9_]{8}\.tmp")
 
 # Shared by the test and the child process, so both build the same two trees.
 TREES = textwrap.dedent(
