@@ -8,10 +8,10 @@
 - or a re-iterable object, iterated afresh every epoch (a list of batches, a data loader
   whose ``iter()`` starts a new pass). A one-shot iterator (a generator object, for which
   ``iter(it) is it``) cannot give a second epoch and is refused: wrap it in a function
-  of the epoch. Each call (each ``iter``) must give a fresh iterator: :func:`fit` reads
-  the first batch of epoch 0 for its checks, then asks for epoch 0 again, so a source
-  that gives the same iterator again, or a generator already started, is refused (a
-  ``TypeError``) rather than training without the batches already read.
+  of the epoch. :func:`fit` reads the first batch of epoch 0 for its checks and trains
+  epoch 0 on that same iterator (the source is asked once per epoch); a generator that
+  has already run when the source gives it is refused (a ``TypeError``): its batches
+  are gone.
 
 A batch is ``(x, y)`` or ``(x, y, w)`` with ``w`` ``(B,)`` per-example weights (0 marks
 padding). Every batch has at most ``batch_size`` rows, ``batch_size`` being the rows of
@@ -81,27 +81,22 @@ def check_source(source: Any, where: str) -> None:
             f"e.g. fit(net, params, lambda epoch: make_batches(epoch), ...)")
 
 
-def epoch_batches(source: Any, epoch: int, where: str, before: Any = None) -> Iterator:
-    """A fresh iterator over the batches of ``epoch``; ``before``: the iterator the source
-    gave the last time it was asked, which it must not give again."""
+def epoch_batches(source: Any, epoch: int, where: str) -> Iterator:
+    """A fresh iterator over the batches of ``epoch`` (a generator that has already run
+    is refused: the batches it gave are lost)."""
     batches = source(epoch) if callable(source) else source
     try:
         it = iter(batches)
     except TypeError:
         raise TypeError(f"{where}: the batch source returned {type(batches).__name__} for "
                         f"epoch {epoch}, not an iterable of batches") from None
-    # a generator already started has lost the batches it gave; a fresh one has not run
-    started = inspect.isgenerator(it) and inspect.getgeneratorstate(it) != "GEN_CREATED"
-    if (before is not None and it is before) or started:
-        what = ("the iterator it gave before" if before is not None and it is before
-                else "an iterator that was already advanced")
+    if inspect.isgenerator(it) and inspect.getgeneratorstate(it) != "GEN_CREATED":
         raise TypeError(
-            f"{where}: the batch source gave, for epoch {epoch + 1}, {what} "
-            f"({type(it).__name__}), whose batches fit has partly or wholly read (the first "
-            f"batch of epoch 1 is read for the checks before training); the source must "
-            f"return a fresh iterable of the epoch's batches every time it is asked, e.g. "
-            f"fit(net, params, lambda epoch: make_batches(epoch), ...) or an object whose "
-            f"__iter__ starts a new pass")
+            f"{where}: the batch source gave, for epoch {epoch + 1}, a generator that was "
+            f"already advanced ({type(it).__name__}), whose batches are partly or wholly "
+            f"gone; the source must return a fresh iterable of the epoch's batches every "
+            f"time it is asked, e.g. fit(net, params, lambda epoch: make_batches(epoch), "
+            f"...) or an object whose __iter__ starts a new pass")
     return it
 
 
@@ -129,13 +124,16 @@ def split_batch(batch: Any, where: str) -> tuple[Any, Any, Any]:
 
 def first_batch(source: Any, where: str) -> tuple[tuple[Any, Any, Any], Iterator]:
     """The first batch of epoch 0, for the shapes and dtypes checked before training, and
-    the iterator it came from (:class:`StreamRunner` refuses to be given it again)."""
+    epoch 0's batches from it on (that batch, then the rest of the same iterator), for
+    :class:`StreamRunner` to train epoch 0 on without asking the source again (a source
+    that gives one shared stream, or a loader with persistent workers, would not start
+    over)."""
     it = epoch_batches(source, 0, where)
     try:
         batch = next(it)
     except StopIteration:
         raise ValueError(f"{where}: the batch source gave no batch for epoch 0") from None
-    return split_batch(batch, f"{where}: epoch 1, batch 1"), it
+    return split_batch(batch, f"{where}: epoch 1, batch 1"), itertools.chain([batch], it)
 
 
 def _step_program(update: Callable, mesh: Any) -> Callable:
@@ -184,11 +182,10 @@ class StreamRunner:
 
     def __init__(self, update: Callable, source: Any, batch_size: int, *, x_like: Any,
                  y_like: Any, num_classes: int | None, integer_x: bool, mesh: Any = None,
-                 exact_last: bool = False, where: str = "fit", before: Any = None):
+                 exact_last: bool = False, where: str = "fit", epoch0: Any = None):
         self.source, self.batch_size = source, int(batch_size)
-        # the iterator the source gave last (fit's first batch, then each epoch's): held,
-        # not its id, which a new iterator could reuse once the old one is freed
-        self._before = before
+        # epoch 0's batches when fit has read its first one (first_batch): used once
+        self._epoch0 = epoch0
         self.mesh, self.exact_last, self.where = mesh, exact_last, where
         self._init = {"x_like": x_like, "y_like": y_like, "num_classes": num_classes,
                       "integer_x": integer_x, "mesh": mesh, "exact_last": exact_last,
@@ -206,8 +203,7 @@ class StreamRunner:
 
     def with_update(self, update: Callable) -> StreamRunner:
         """The same source and batching with another step body (fit's full-guard replay)."""
-        return StreamRunner(update, self.source, self.batch_size, **self._init,
-                            before=self._before)
+        return StreamRunner(update, self.source, self.batch_size, **self._init)
 
     # -- one batch ------------------------------------------------------------------------
 
@@ -309,8 +305,10 @@ class StreamRunner:
         del key  # the source orders its own batches
         if self.mesh is not None:
             state, active = _parallel.replicate((state, active), self.mesh)
-        it = epoch_batches(self.source, epoch, self.where, self._before)
-        self._before = it
+        if epoch == 0 and self._epoch0 is not None:
+            it, self._epoch0 = self._epoch0, None
+        else:
+            it = epoch_batches(self.source, epoch, self.where)
         collected = []
         for b in itertools.count():
             try:

@@ -1784,7 +1784,7 @@ def fit(
             update, source, x_np.shape[0] if streaming else source.batch_size
             // jax.process_count(), x_like=x_np, y_like=y_np,
             num_classes=_num_classes(net, x_np, where), integer_x=_takes_integers(net),
-            mesh=mesh, exact_last=mixes_batch(net), where=where, before=first_it)
+            mesh=mesh, exact_last=mixes_batch(net), where=where, epoch0=first_it)
         bs = x_np.shape[0] if streaming else source.batch_size  # the global batch
     else:
         bs = min(batch_size, x_np.shape[0])

@@ -226,8 +226,8 @@ def test_fit_reads_one_batch_at_a_time(xy):
     xs, ys = OneBatchAtATime(x), OneBatchAtATime(y)
     result = fit(mlp(), data.ArrayBatches(xs, ys, BS, seed=5), epochs=3)
     assert max(xs.reads) <= BS and max(ys.reads) <= BS
-    # epochs x N rows, plus the first batch that fit reads for its checks
-    assert sum(xs.reads) == 3 * N + BS
+    # epochs x N rows: the first batch, read for the checks, is trained on, not read again
+    assert sum(xs.reads) == 3 * N
     assert int(result.state.step) == 15
 
 
@@ -253,7 +253,7 @@ def test_fit_source_sees_the_epoch_and_augments(xy):
             yield (x[i:i + 25, :, ::-1] if flip else x[i:i + 25]), y[i:i + 25]
 
     result = fit(mlp(), source, epochs=3)
-    assert seen == [0, 0, 1, 2]  # epoch 0 once more: the first batch for the checks
+    assert seen == [0, 1, 2]  # once per epoch: epoch 0 goes on from the checked batch
     assert int(result.state.step) == 9 and len(result.history["loss"]) == 3
 
 
@@ -354,35 +354,46 @@ def test_fit_refuses_bad_sources(xy):
         fit(net, lambda epoch: 3)
 
 
-def test_fit_refuses_a_source_that_gives_an_iterator_already_read(xy):
-    # fit reads the first batch of source(0) for its checks, then asks for epoch 0 again
+def test_epoch_0_trains_every_batch_of_the_iterator_fit_read_first(xy):
+    """fit reads the first batch of source(0) for its checks and trains epoch 0 on the same
+    iterator: a source that hands out one shared stream (a loader with persistent
+    workers resets and returns the same iterator) loses no batch (its first was lost)."""
     x, y = xy
-    gen = ((x[i:i + BS], y[i:i + BS]) for i in range(0, N, BS))
+    reference = fit(mlp(), _batches(x, y), epochs=1)
 
     class SharedStream:  # a re-iterable whose __iter__ hands out one shared stream
         def __init__(self):
-            self.it = iter([(x[i:i + BS], y[i:i + BS]) for i in range(0, N, BS)])
+            self.it = None
 
         def __iter__(self):
+            if self.it is None:
+                self.it = iter(list(_batches(x, y)(0)))
             return self.it
 
-    started = ((x[i:i + BS], y[i:i + BS]) for i in range(0, N, BS))
+    gen = _batches(x, y)(0)
+    for source in (lambda epoch: gen, SharedStream()):
+        result = fit(mlp(), source, epochs=1)
+        assert int(result.state.step) == 4
+        assert_same_training(result, reference)
+
+
+def test_fit_refuses_a_generator_that_has_already_run(xy):
+    x, y = xy
+    started = _batches(x, y)(0)
     next(started)
     fresh = "the source must return a fresh iterable of the epoch's batches every time"
-    for source, what in [(lambda epoch: gen, "the iterator it gave before"),
-                         (SharedStream(), "the iterator it gave before"),
-                         (lambda epoch: started, "an iterator that was already advanced")]:
-        with pytest.raises(TypeError, match=rf"fit: the batch source gave, for epoch 1, "
-                                            rf"{what} .*{fresh}"):
-            fit(mlp(), source, epochs=1)
+    with pytest.raises(TypeError, match=rf"fit: the batch source gave, for epoch 1, a "
+                                        rf"generator that was already advanced .*{fresh}"):
+        fit(mlp(), lambda epoch: started, epochs=1)
     made = []
 
-    def spent_for_epoch_2(epoch):  # a fresh generator for epoch 0, epoch 1's again for 2
+    def spent_for_epoch_2(epoch):  # a fresh generator for epoch 0, the spent one for 1
         if epoch == 0:
-            made.append((x[i:i + BS], y[i:i + BS]) for i in range(0, N, BS))
+            made.append(_batches(x, y)(0))
         return made[-1]
 
-    with pytest.raises(TypeError, match=rf"for epoch 2, the iterator it gave before .*{fresh}"):
+    with pytest.raises(TypeError, match=rf"for epoch 2, a generator that was already "
+                                        rf"advanced .*{fresh}"):
         fit(mlp(), spent_for_epoch_2, epochs=2)
 
 
