@@ -6,6 +6,7 @@ the error it raises names the culprit, the expected value and the given one.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -215,3 +216,21 @@ def check_lam(regularizer: Any, lam: Any, where: str) -> float:
             f"{where}: lam={lam} needs a regularizer (e.g. funcnet.regularizers.l2)"
         )
     return float(lam)
+
+
+def check_batch_loss(loss_fn: Any, outputs: Any, y: Any, where: str) -> None:
+    """Trace ``loss_fn`` on the whole batch's shapes (no computation; only once the
+    per-example trace failed), so that a loss that refuses ``outputs`` and ``y`` says so
+    for the batch ((16, 1) and (16,)), not for the single examples the weighted loss
+    applies it to ((1, 1) and (1,))."""
+    spec = functools.partial(jax.tree_util.tree_map,
+                             lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)))
+    try:
+        jax.eval_shape(loss_fn, spec(outputs), spec(y))
+    except (ValueError, TypeError) as e:
+        if type(e) not in (ValueError, TypeError):
+            raise
+        raise type(e)(f"{where}: the loss refuses the network's outputs of shape "
+                      f"{tuple(jnp.shape(outputs))} and y of shape "
+                      f"{tuple(jnp.shape(y)) if hasattr(y, 'shape') else type(y).__name__}: "
+                      f"{e}") from e

@@ -210,30 +210,13 @@ def weighted_loss(loss_fn: Loss, *, where: str = "weighted_loss") -> Loss:
         try:
             per_example = jax.vmap(one)(outputs, y)
         except (ValueError, TypeError):  # said for the batch, if the loss refuses it too
-            _check_batch_loss(loss_fn, outputs, y, where)
+            _checks.check_batch_loss(loss_fn, outputs, y, where)
             raise
         return jnp.sum(w * per_example) / jnp.sum(w)
 
     f.base_loss = loss_fn  # lets a grad mode recognise the loss it wraps
+    f.where = where  # and name the caller in its errors
     return f
-
-
-def _check_batch_loss(loss_fn: Loss, outputs: Any, y: Any, where: str) -> None:
-    """Trace ``loss_fn`` on the whole batch's shapes (no computation; only once the
-    per-example trace failed), so that a loss that refuses ``outputs`` and ``y`` says so
-    for the batch ((16, 1) and (16,)), not for the single examples the weighted loss
-    applies it to ((1, 1) and (1,))."""
-    spec = functools.partial(jax.tree_util.tree_map,
-                             lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)))
-    try:
-        jax.eval_shape(loss_fn, spec(outputs), spec(y))
-    except (ValueError, TypeError) as e:
-        if type(e) not in (ValueError, TypeError):
-            raise
-        raise type(e)(f"{where}: the loss refuses the network's outputs of shape "
-                      f"{tuple(jnp.shape(outputs))} and y of shape "
-                      f"{tuple(jnp.shape(y)) if hasattr(y, 'shape') else type(y).__name__}: "
-                      f"{e}") from e
 
 
 def _has_rule(loss_fn: Any) -> bool:

@@ -436,9 +436,11 @@ def test_fit_resume_refuses_other_settings(d, tmp_path):
     assert len(r.history["val_loss"]) == 2 and int(r.state.step) == 4
 
 
-def test_a_loss_that_refuses_the_batch_is_named_with_the_batch_shapes():
+@pytest.mark.parametrize("grad", ["autodiff", "manual"])
+def test_a_loss_that_refuses_the_batch_is_named_with_the_batch_shapes(grad):
     """fit and evaluate apply the loss to each example; its refusal of y (N,) against
-    outputs (N, 1) is said for the batch, as make_step says it, not for one example."""
+    outputs (N, 1) is said for the batch, as make_step says it, not for one example (the
+    hand rules apply the loss's rule per example too)."""
     net = fn.Serial([fn.Dense(1)])
     params = net.init(jax.random.key(0), (3,))
     x, y = np.ones((16, 3), np.float32), np.ones(16, np.float32)
@@ -446,7 +448,7 @@ def test_a_loss_that_refuses_the_batch_is_named_with_the_batch_shapes():
                                          r"shape \(8, 1\) and y of shape \(8,\): quadratic: "
                                          r"y and target must have the same shape, got \(8, 1\)"):
         train.fit(net, params, x, y, loss=fn.losses.quadratic, epochs=1, batch_size=8,
-                  progress=False)
+                  progress=False, grad=grad)
     with pytest.raises(ValueError, match=r"^evaluate: the loss refuses the network's outputs "
                                          r"of shape \(16, 1\) and y of shape \(16,\)"):
         train.evaluate(net, params, x, y, loss=fn.losses.quadratic)

@@ -77,7 +77,12 @@ def _loss_value_and_delta(loss_fn: Callable, out: jax.Array, y: Any):
             loss_i, res = base_rule.fwd(o[None], t[None])
             return loss_i, base_rule.bwd(res, jnp.ones((), loss_i.dtype))[0][0]
 
-        per_loss, per_delta = jax.vmap(one)(out, y)
+        try:
+            per_loss, per_delta = jax.vmap(one)(out, y)
+        except (ValueError, TypeError):  # said for the batch, if the loss refuses it too
+            _checks.check_batch_loss(loss_fn.base_loss, out, y,
+                                     getattr(loss_fn, "where", "vjp.value_and_grad"))
+            raise
         scale = (w / jnp.sum(w)).astype(per_loss.dtype)
         delta = per_delta * scale.reshape(-1, *([1] * (out.ndim - 1)))
         return jnp.sum(scale * per_loss), delta
