@@ -1596,9 +1596,10 @@ def fit(
       resume: continue from ``checkpoint`` if it exists: bitwise the same result as an
         uninterrupted run with the same arguments (parameters, history, stop reason),
         ``patience`` and ``restore_best`` included (their best ``val_loss`` and its
-        parameters come from the checkpoint). A run that stopped early (``patience``,
-        ``loss_threshold``) is returned as it ended, without training; one that ran all
-        its epochs continues to a larger ``epochs``. Refused before training: a file that
+        parameters come from the checkpoint). The stopping rules are first applied to the
+        checkpoint's last epoch with this call's ``patience`` and ``loss_threshold``: a run
+        that stopped early is returned as it ended, without training, unless these now
+        let it go on; one that ran all its epochs continues to a larger ``epochs``. Refused before training: a file that
         ``fit`` did not write (no fit metadata); settings other than the checkpoint's run's
         (``seed``, the batch size, the number of examples and ``shuffle`` where known,
         the epoch mode ``"loop"`` / ``"scan"``, and ``validation_data``: present or not and
@@ -1804,8 +1805,14 @@ def fit(
             best_model = (restored["best"]["params"], restored["best"]["model_state"])
         start = saved["epoch"]
         history = {k: list(saved["history"][k]) for k in _HISTORY}
-        if saved.get("stop_reason") in ("patience", "loss_threshold"):
-            stop_reason = saved["stop_reason"]  # the run stopped early: nothing to train
+        # a run that stopped early stays stopped if its rule, with this call's values,
+        # still says stop (the same values: as the run ended); else it trains on
+        last_loss = history["loss"][-1] if history["loss"] else None
+        if loss_threshold is not None and last_loss is not None \
+                and last_loss <= loss_threshold:
+            stop_reason = "loss_threshold"
+        elif patience is not None and history["val_loss"] and since_best >= patience:
+            stop_reason = "patience"
     end = epochs if stop_reason == "epochs" else start
 
     seed_key = jax.random.key(seed)

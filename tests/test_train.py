@@ -441,6 +441,11 @@ def test_resuming_a_run_that_stopped_early_returns_it_without_training(tmp_path)
     again = train.fit(net, params, x, y, epochs=12, checkpoint=path, resume=True, **kw)
     _assert_same_run(again, full)
     assert int(again.state.step) == 5 * 3 and fn.checkpoint.read_metadata(path) == meta
+    # a patience that no longer says stop lets it go on, as an uninterrupted run with it
+    longer = dict(kw, patience=100)
+    went_on = train.fit(net, params, x, y, epochs=8, checkpoint=path, resume=True, **longer)
+    assert went_on.stop_reason == "epochs" and len(went_on.history["loss"]) == 8
+    _assert_same_run(went_on, train.fit(net, params, x, y, epochs=8, **longer))
 
     kw = {k: v for k, v in kw.items() if k not in ("patience", "restore_best")}
     first = train.fit(net, params, x, y, epochs=12, checkpoint=path, loss_threshold=1.2, **kw)
