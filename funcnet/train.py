@@ -1599,8 +1599,8 @@ def fit(
         parameters come from the checkpoint). The stopping rules are first applied to the
         checkpoint's last epoch with this call's ``patience`` and ``loss_threshold``: a run
         that stopped early is returned as it ended, without training, unless these now
-        let it go on; one that ran all its epochs continues to a larger ``epochs``. Refused before training: a file that
-        ``fit`` did not write (no fit metadata); settings other than the checkpoint's run's
+        let it go on; one that ran all its epochs continues to a larger ``epochs``.
+        Refused before training: a file that ``fit`` did not write (no fit metadata); settings other than the checkpoint's run's
         (``seed``, the batch size, the number of examples and ``shuffle`` where known,
         the epoch mode ``"loop"`` / ``"scan"``, and ``validation_data``: present or not and
         its number of examples; a run validates from its first epoch or never, so its
