@@ -1598,16 +1598,17 @@ def fit(
         ``patience`` and ``restore_best`` included (their best ``val_loss`` and its
         parameters come from the checkpoint). The stopping rules are first applied to the
         checkpoint's last epoch with this call's ``patience`` and ``loss_threshold``: a run
-        that stopped early is returned as it ended, without training, unless these now
-        let it go on; one that ran all its epochs continues to a larger ``epochs``.
-        Refused before training: a file that ``fit`` did not write (no fit metadata); settings other than the checkpoint's run's
-        (``seed``, the batch size, the number of examples and ``shuffle`` where known,
-        the epoch mode ``"loop"`` / ``"scan"``, and ``validation_data``: present or not and
-        its number of examples; a run validates from its first epoch or never, so its
-        history lines up and ``patience`` counts every epoch); ``restore_best=True`` on a
-        checkpoint written without it. ``epochs``, ``patience`` and ``loss_threshold`` may
-        change; the optimizer and the network must fit the stored state (checked by
-        :func:`funcnet.checkpoint.restore`), the rest (learning rate, loss) is not checked.
+        that stopped early is returned as it ended, without training, unless these now let
+        it go on; one that ran all its epochs continues to a larger ``epochs``. Refused
+        before training: a file that ``fit`` did not write (no fit metadata); settings other
+        than the checkpoint's run's (``seed``, the batch size, the number of examples and
+        ``shuffle`` where known, the epoch mode ``"loop"`` / ``"scan"``, and
+        ``validation_data``: present or not and its number of examples; a run validates from
+        its first epoch or never, so its history lines up and ``patience`` counts every
+        epoch); ``restore_best=True`` on a checkpoint written without it. ``epochs``,
+        ``patience`` and ``loss_threshold`` may change; the optimizer and the network must
+        fit the stored state (checked by :func:`funcnet.checkpoint.restore`), the rest
+        (learning rate, loss) is not checked.
       state: start from this :class:`TrainState` instead of ``init_state(params, ...)``
         (copied: the caller's arrays stay valid); ``params`` is then ignored and
         ``model_state`` must be left out (the state carries its own). With ``resume`` and
