@@ -633,7 +633,8 @@ class ArrayBatches:
     def _transformed(self, xb: np.ndarray, yb: np.ndarray, rng: Any, epoch: int,
                      b: int) -> tuple[Any, Any]:
         """``transform(xb, yb, rng)``, its failures and a result that is not an ``(x, y)``
-        pair of ``B`` rows each named with the batch (not numpy's unpacking errors)."""
+        pair of as many rows each named with the batch (not numpy's unpacking errors). It
+        may drop rows (a filter), except with ``process=`` (the weights pad to the batch)."""
         where = f"ArrayBatches: transform, epoch {epoch + 1}, batch {b + 1}"
         try:
             out = self.transform(xb, yb, rng)
@@ -646,12 +647,14 @@ class ArrayBatches:
             got = (f"a {type(out).__name__} of {len(out)} items"
                    if isinstance(out, tuple | list) else _describe_value(out))
             raise TypeError(f"{where}: transform must return the pair (x, y), got {got}")
-        rows = xb.shape[0]
-        for name, a in zip(("x", "y"), out, strict=True):
-            if np.ndim(a) < 1 or np.shape(a)[0] != rows:
-                raise ValueError(f"{where}: transform must return x and y of {rows} rows "
-                                 f"(the batch's), got {name} of shape {np.shape(a)}")
-        return out[0], out[1]
+        rows, (x, y) = xb.shape[0], out
+        if np.ndim(x) < 1 or np.ndim(y) < 1 or np.shape(x)[0] != np.shape(y)[0]:
+            raise ValueError(f"{where}: transform must return x and y with one row per "
+                             f"example, got shapes {np.shape(x)} and {np.shape(y)}")
+        if self.process is not None and np.shape(x)[0] != rows:  # w pads to these rows
+            raise ValueError(f"{where}: with process=, transform must keep the batch's "
+                             f"{rows} rows (their weights are fixed), got {np.shape(x)[0]}")
+        return x, y
 
     def __repr__(self) -> str:
         return (f"ArrayBatches(N={self.n}, batch_size={self.batch_size}, "

@@ -180,7 +180,8 @@ def test_check_dataset_errors():
     (lambda x, y, rng: (x, y, rng), TypeError, r"the pair \(x, y\), got a tuple of 3 items"),
     (lambda x, y: (x, y), TypeError, r"must take \(x, y, rng\) and return \(x, y\): .*"
                                      r"takes 2 positional arguments"),
-    (lambda x, y, rng: (x[:2], y), ValueError, r"x and y of 4 rows .* got x of shape \(2, 3\)"),
+    (lambda x, y, rng: (x[:2], y), ValueError, r"x and y with one row per example, got "
+                                                r"shapes \(2, 3\) and \(4,\)"),
 ], ids=["none", "x-only", "triple", "signature", "rows"])
 def test_a_misused_transform_is_named_with_its_batch(transform, exc, match):
     """Not numpy's unpacking errors ('too many values to unpack' of a batch's rows)."""
@@ -188,3 +189,17 @@ def test_a_misused_transform_is_named_with_its_batch(transform, exc, match):
     batches = data.ArrayBatches(x, y, 4, transform=transform)
     with pytest.raises(exc, match=r"^ArrayBatches: transform, epoch 1, batch 1: .*" + match):
         next(iter(batches(0)))
+
+
+def test_a_transform_may_drop_rows_but_not_with_process():
+    """A filter (fewer rows, x and y alike) is a batch like the last, shorter one; with
+    process= the batch's weights are fixed, so its rows must stay."""
+    x, y = np.arange(30, dtype=np.float32).reshape(10, 3), np.arange(10) % 2
+    keep_odd = lambda xb, yb, rng: (xb[yb == 1], yb[yb == 1])  # noqa: E731
+    xb, yb = next(iter(data.ArrayBatches(x, y, 4, shuffle=False, transform=keep_odd)(0)))
+    np.testing.assert_array_equal(yb, [1, 1])
+    np.testing.assert_array_equal(xb, x[[1, 3]])
+    with pytest.raises(ValueError, match=r"with process=, transform must keep the batch's 2 "
+                                         r"rows .* got 1"):
+        next(iter(data.ArrayBatches(x, y, 4, shuffle=False, transform=keep_odd,
+                                    process=(0, 2))(0)))
