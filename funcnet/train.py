@@ -1338,12 +1338,12 @@ def _fit_metadata(path: str) -> tuple[dict | None, str | None]:
                else {k: len(history[k]) for k in _HISTORY})
     if (lengths is None or any(lengths[k] != epoch for k in ("loss", "accuracy", "time"))
             or lengths["val_loss"] != lengths["val_accuracy"]
-            or lengths["val_loss"] not in (0, epoch)):
+            or lengths["val_loss"] > epoch):
         got = (f"lists of lengths {lengths}" if lengths is not None else
                f"the keys {sorted(history)}" if isinstance(history, dict) else
                type(history).__name__)
         return None, (f"its metadata's 'history' must hold the lists {list(_HISTORY)} of its "
-                      f"{epoch} epochs (val_* empty without validation_data), got {got}")
+                      f"{epoch} epochs (val_* at most as long), got {got}")
     return meta, None
 
 
@@ -1789,6 +1789,13 @@ def fit(
     best_loss, best_model, since_best = math.inf, None, 0  # best val loss, its model, epochs
     best_epoch = None
     if saved is not None:
+        validated = len(saved["history"]["val_loss"])
+        if validated not in (0, saved["epoch"]):  # an older fit let validation start late
+            raise ValueError(
+                f"{where}: resume=True: checkpoint {checkpoint!r} validated {validated} of its "
+                f"{saved['epoch']} epochs (validation_data added when it was resumed by an "
+                f"older fit), so its history cannot line up with this run's; start a new "
+                f"run (resume=False, or another checkpoint path)")
         _check_resume_settings(checkpoint, saved, dict(settings, seed=seed), where)
         best_loss, since_best, best_epoch = _saved_stopping(saved)
         if restore_best and best_epoch is not None and not saved.get("best_saved", False):

@@ -381,6 +381,21 @@ def test_fit_resume_refuses_a_checkpoint_without_fits_metadata(d, tmp_path, meta
         rf"wrote: {missing}", path, checkpoint=path, resume=True, optimizer=d.sgd)
 
 
+def test_an_older_checkpoint_that_validated_late_is_fits_own_but_not_resumed(d, tmp_path):
+    """An older fit let validation_data be added on resume: val_loss shorter than the
+    epochs. Its own file still (replaced with resume=False), but not resumable."""
+    path = str(tmp_path / "old.ckpt")
+    history = {"loss": [1.0, 0.9], "accuracy": [0.5, 0.6], "val_loss": [0.8],
+               "val_accuracy": [0.6], "time": [0.1, 0.1]}
+    fn.checkpoint.save(path, {"state": d.state},
+                       metadata={"epoch": 2, "history": history, "seed": 0})
+    _refused_before_training(
+        d, ValueError, r"resume=True: checkpoint .* validated 1 of its 2 epochs", path,
+        checkpoint=path, resume=True, optimizer=d.sgd)
+    fit(d, checkpoint=path, optimizer=d.sgd)  # resume=False: fit's own file, replaced
+    assert fn.checkpoint.read_metadata(path)["epoch"] == 1
+
+
 def test_fit_refuses_to_overwrite_a_file_it_did_not_write(d, tmp_path):
     data_set = str(tmp_path / "data.npz")
     np.savez(data_set, x=d.x, y=d.y)
