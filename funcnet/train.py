@@ -297,11 +297,17 @@ def _are_labels(outputs: Any, y: Any) -> bool:
 
 
 def _has_accuracy(out_shape: tuple[int, ...], y: np.ndarray) -> bool:
+    """Whether ``y`` (host values) are class targets for outputs of ``out_shape``: integer
+    labels ``(N,)``, or rows of ``K`` class probabilities (one-hot or soft: in ``[0, 1]``,
+    each row summing to 1). Other targets (regression) have no accuracy."""
     if len(out_shape) != 1:
         return False
     if np.issubdtype(y.dtype, np.integer) and y.ndim == 1:
         return True
-    return y.ndim == 2 and y.shape[1] == out_shape[0] and out_shape[0] > 1
+    if not (y.ndim == 2 and y.shape[1] == out_shape[0] and out_shape[0] > 1):
+        return False
+    v = np.asarray(y, np.float64)
+    return bool(np.all((v >= 0) & (v <= 1)) and np.allclose(v.sum(axis=1), 1.0, atol=1e-3))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1209,7 +1215,8 @@ def evaluate(
     ``net.init_state``).
 
     Accuracy is the fraction of argmax predictions equal to the integer labels (or to the
-    argmax of one-hot targets); ``None`` when ``y`` is neither. ``x`` and ``y`` are
+    argmax of class-probability targets: one-hot or soft rows in ``[0, 1]`` summing to 1);
+    ``None`` when ``y`` is neither (regression targets). ``x`` and ``y`` are
     validated as in :func:`fit` (an empty data set is an error: its mean is undefined).
 
     ``devices``: as in :func:`fit`; each batch is sharded along the data axis.
@@ -1528,7 +1535,8 @@ def fit(
     for a network with BatchNorm it runs at its true size instead, see below), and
     appends to the history: ``loss`` / ``accuracy`` (running means over the epoch's
     steps), ``val_loss`` / ``val_accuracy`` (after the epoch, when ``validation_data`` is
-    given) and ``time`` (seconds). Accuracy is ``None`` for non-classification targets.
+    given) and ``time`` (seconds). Accuracy is ``None`` for targets that are neither
+    integer labels nor rows of class probabilities (regression).
     A later ``fit`` of the same network, loss and optimizer *objects* with the same
     settings and data shapes runs the programs this one compiled (16 configurations are
     kept); a new optimizer object, even an equal one, compiles afresh.

@@ -468,3 +468,24 @@ def test_big_endian_data_trains_evaluates_and_predicts_as_native():
     assert train.evaluate(net, native.params, xb, yb) == train.evaluate(net, native.params, x, y)
     np.testing.assert_array_equal(train.predict(net, native.params, xb),
                                   train.predict(net, native.params, x))
+
+
+def test_accuracy_is_for_class_targets_only():
+    """Integer labels, one-hot and soft (label-smoothed) rows have an accuracy; float
+    regression targets of the same shape (N, K) have none (were scored as one-hot)."""
+    net = models.mlp([8], 3)
+    params = draw.params(net, (6,))
+    x, labels = _toy(n=12)
+    one_hot = np.eye(3, dtype=np.float32)[labels]
+    smooth = 0.9 * one_hot + 0.1 / 3
+    regression = draw.normal((12, 3), seed=3)
+    mse = fn.losses.quadratic
+    for y, loss, has in ((labels, losses.softmax_cross_entropy, True),
+                         (one_hot, losses.softmax_cross_entropy, True),
+                         (smooth, losses.softmax_cross_entropy, True),
+                         (regression, mse, False)):
+        _, acc = train.evaluate(net, params, x, y, loss=loss)
+        history = train.fit(net, params, x, y, loss=loss, epochs=1, batch_size=4,
+                            progress=False, validation_data=(x, y)).history
+        assert (acc is not None, history["accuracy"][0] is not None,
+                history["val_accuracy"][0] is not None) == (has, has, has)
