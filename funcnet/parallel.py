@@ -131,15 +131,21 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
     """Every array of ``tree`` split along its first dimension across the data axis.
 
-    The first dimension must divide by :func:`num_shards` (a ``ValueError`` says so; see
-    :func:`pad_rows`). ``None`` leaves stay ``None``.
+    The first dimension must divide by :func:`num_shards` (a ``ValueError`` says so).
+    ``fit``, ``evaluate`` and ``predict`` take host arrays of any size and split them
+    unevenly themselves; :func:`pad_rows` pads with zero rows, which are fine for
+    ``predict`` (cut them off) but would count as examples in training data. ``None``
+    leaves stay ``None``.
     """
     d = num_shards(mesh)
     for leaf in jax.tree_util.tree_leaves(tree):
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] % d:
             raise ValueError(f"shard_batch: every array needs a first dimension that divides "
                              f"by the {d} devices of the data axis, got shape "
-                             f"{tuple(jnp.shape(leaf))}; pad it first (parallel.pad_rows)")
+                             f"{tuple(jnp.shape(leaf))}; give fit / evaluate / predict the "
+                             f"host array instead (they split it unevenly), or pad it "
+                             f"(parallel.pad_rows) where zero rows do no harm (predict), "
+                             f"not as training data (fit would count them as examples)")
     return jax.device_put(tree, batch_sharding(mesh))
 
 
