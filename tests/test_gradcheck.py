@@ -88,3 +88,29 @@ def test_kinks_flags_only_entries_straddling_a_non_smooth_point():
 def test_bad_method_is_rejected():
     with pytest.raises(ValueError, match="central"):
         gradcheck.numerical_grad(_f, _params(), method="backward")
+
+
+def test_a_nan_gradient_never_passes():
+    """sqrt(a^2) at a = 0: autodiff's gradient is NaN. Python's max() made the row's
+    scale NaN and its tolerance inf ('ok'); relative_error also depended on the order."""
+    def f(p):
+        return jnp.sum(jnp.sqrt(p["a"] ** 2)) + jnp.sum(p["b"] ** 2)
+
+    p = {"a": jnp.array([0.0, 1.0]), "b": jnp.array([1.0, 2.0])}
+    assert not gradcheck.check(f, p, raise_on_failure=False).ok
+    nan, zeros = np.array([0.0, np.nan, 0.0]), np.zeros(3)
+    assert gradcheck.relative_error(zeros, nan) == gradcheck.relative_error(nan, zeros) == np.inf
+    assert not gradcheck.compare({"auto": zeros, "manual": nan}, tol=1e-6,
+                                 raise_on_failure=False).ok
+
+
+def test_the_default_step_refuses_half_precision_and_float32_uses_the_step_taken():
+    """bfloat16 rounds 1 + 1e-3 back to 1 (all-zero differences); in float32 at p = 1000 a
+    step of 1e-3 moves p by 0.9766e-3, which the quotient must divide by."""
+    with pytest.raises(TypeError, match=r"bfloat16 are too coarse for the default "
+                                        r"finite-difference step .* pass h= explicitly"):
+        gradcheck.numerical_grad(lambda q: jnp.sum(q ** 2), jnp.ones(2, jnp.bfloat16))
+    far = jnp.array([1000.0, 1000.0], jnp.float32)
+    np.testing.assert_allclose(gradcheck.numerical_grad(lambda q: jnp.sum(q) - 2000.0, far),
+                               [1.0, 1.0], rtol=1e-6)
+    assert gradcheck.check(lambda q: jnp.sum(q) - 2000.0, far).ok
