@@ -11,6 +11,7 @@ width ``M`` and ``K`` classes:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from funcnet import _checks
@@ -61,8 +62,9 @@ def vit(
     ``PositionEmbedding`` (Dropout), ``depth`` pre-norm encoder blocks
     (:func:`encoder_block`), a final ``LayerNorm``, the class token (``TakeToken(0)``) and
     ``Dense(num_classes)`` (logits). ``mlp_dim`` defaults to ``4 * width``; ``image_size``
-    must be a multiple of ``patch`` and ``width`` of ``heads``. ``channels`` is checked
-    here and fixed by the input shape given to ``init``.
+    must be a multiple of ``patch`` and ``width`` of ``heads``. The network (a
+    :class:`VisionTransformer`, a ``Serial``) takes inputs of shape ``(image_size,
+    image_size, channels)`` only: ``init`` and ``apply`` refuse any other.
     """
     where = "vit"
     num_classes, image_size, patch, width, depth, heads, channels = (
@@ -89,7 +91,27 @@ def vit(
     for _ in range(depth):
         layers += encoder_block(width, heads, mlp_dim, dropout)
     layers += [LayerNorm(epsilon=EPSILON), TakeToken(0), Dense(num_classes)]
-    return Serial(layers)
+    return VisionTransformer(tuple(layers), image_size, channels)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class VisionTransformer(Serial):
+    """The :class:`Serial` :func:`vit` builds, checking that its input is the image it was
+    built for, ``(image_size, image_size, channels)``: the stride-``patch`` embedding would
+    otherwise take any size, silently dropping the rows and columns a patch does not fill
+    (a 30x30 image through 16x16 patches makes one patch of 16x16)."""
+
+    image_size: int = 224
+    channels: int = 3
+
+    def output_shape(self, input_shape):
+        shape = _checks.input_shape_tuple(input_shape, "vit")
+        expected = (self.image_size, self.image_size, self.channels)
+        if shape != expected:
+            raise ValueError(f"vit: built for images of shape {expected} (image_size="
+                             f"{self.image_size}, channels={self.channels}), got input shape "
+                             f"{shape}")
+        return super().output_shape(shape)
 
 
 def vit_tiny(num_classes: int = 1000) -> Serial:

@@ -337,3 +337,18 @@ def test_vit_dropout_layers_and_bad_hyper_parameters():
         vit(depth=2.5)
     with pytest.raises(ValueError, match=r"vit.*dropout"):
         vit(dropout=1.0)
+
+
+def test_vit_refuses_an_image_it_was_not_built_for():
+    """The stride-16 patch embedding takes any size: 30x30 made one patch, dropping 14
+    rows and columns; 48x48 or one channel went through a network built for 32x32x3."""
+    net = vit(10, image_size=32, patch=16, width=8, depth=1, heads=2)
+    params = net.init(jax.random.key(0), (32, 32, 3))
+    assert net.apply(params, jnp.ones((2, 32, 32, 3))).shape == (2, 10)
+    for shape in ((30, 30, 3), (48, 48, 3), (32, 32, 1)):
+        with pytest.raises(ValueError, match=r"vit: built for images of shape \(32, 32, 3\) "
+                                             rf"\(image_size=32, channels=3\), got input shape "
+                                             rf"\({shape[0]}, {shape[1]}, {shape[2]}\)"):
+            net.init(jax.random.key(0), shape)
+    with pytest.raises(ValueError, match=r"vit: built for images .* got input shape \(30, 30"):
+        net.apply(params, jnp.ones((2, 30, 30, 3)))
