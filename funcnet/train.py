@@ -1076,6 +1076,26 @@ def _takes_integers(net: Any) -> bool:
     return isinstance(net, Layer) and net.takes_integers()
 
 
+def _check_last_batch(net: Any, params: Any, model_state: Any, x: np.ndarray, bs: int,
+                      where: str) -> None:
+    """A network that mixes the batch (BatchNorm) runs an epoch's last partial batch at
+    its true size: trace (no computation) its training forward pass on that many rows
+    before the first step, so a size it refuses (BatchNorm over features needs more than
+    one row) is an error naming ``batch_size`` now, not after an epoch of steps."""
+    last = x.shape[0] % bs
+    if not last or not mixes_batch(net):
+        return
+    rows = jax.ShapeDtypeStruct((last, *x.shape[1:]), x.dtype)
+    try:
+        jax.eval_shape(lambda p, s, xb: net.apply_with_state(
+            p, s, xb, key=jax.random.key(0), train=True), params, model_state, rows)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{where}: the last batch of each epoch has {last} row(s) ({x.shape[0]} examples, "
+            f"batch_size={bs}), which the network refuses in training: {e}; choose a "
+            f"batch_size that leaves more (or none)") from e
+
+
 def _model_state(net: Any, state: Any, input_shape, where: str) -> Any:
     """``state`` checked against the network's, or its initial state when ``None`` (or an
     empty pytree for a network without state)."""
@@ -1658,7 +1678,8 @@ def fit(
     ``mixes_batch`` (BatchNorm), the last partial batch runs at its true size through a
     second compiled program of the step (one more compilation per ``fit``, none per
     epoch); other networks keep the padding and a single program. A last batch of one
-    example is then refused by BatchNorm, as in PyTorch.
+    example is then refused by BatchNorm over features, as in PyTorch, before the first
+    step (a ``ValueError`` naming ``batch_size``).
 
     Returns:
       :class:`FitResult` ``(params, state, history, stop_reason)``.
@@ -1781,6 +1802,9 @@ def fit(
         bs = x_np.shape[0] if streaming else source.batch_size  # the global batch
     else:
         bs = min(batch_size, x_np.shape[0])
+        _check_last_batch(net, params if state is None else state.params,
+                          model_state if state is None else state.model_state, x_np, bs,
+                          where)
         runner = EpochRunner(update, _checks.on_device(x_np), _checks.on_device(y_np), bs,
                              mode, shuffle, mesh, exact_last=mixes_batch(net))
     if val is not None and mesh is not None:

@@ -486,3 +486,23 @@ def test_a_custom_grad_is_refused_for_dropout_and_state():
     plain = train.fit(net, net.init(jax.random.key(0), (3,)), x, y, grad=my_grad, epochs=1,
                       progress=False)
     assert np.isfinite(plain.history["loss"][0])
+
+
+def test_a_last_batch_batchnorm_refuses_is_named_before_the_first_step():
+    """15 examples in batches of 7 leave a last batch of one row, which BatchNorm over
+    features refuses in training: said before training (it came after an epoch's steps,
+    without naming batch_size). A conv BatchNorm has H x W values per channel: fine."""
+    x, y = np.random.default_rng(0).normal(size=(15, 6)).astype(np.float32), np.arange(15) % 3
+    net = fn.Serial([fn.Dense(8), fn.BatchNorm(), fn.ReLU(), fn.Dense(3)])
+    loss = CountingLoss()
+    with pytest.raises(ValueError, match=r"^fit: the last batch of each epoch has 1 row\(s\) "
+                                         r"\(15 examples, batch_size=7\), which the network "
+                                         r"refuses in training: .*BatchNorm"):
+        train.fit(net, net.init(jax.random.key(0), (6,)), x, y, loss=loss, batch_size=7,
+                  progress=False)
+    assert loss.traces == 0
+    conv = fn.Serial([fn.Conv(2, 3), fn.BatchNorm(), fn.Flatten(), fn.Dense(3)])
+    images = np.ones((15, 4, 4, 1), np.float32)
+    result = train.fit(conv, conv.init(jax.random.key(0), (4, 4, 1)), images, y, batch_size=7,
+                       epochs=1, progress=False)
+    assert int(result.state.step) == 3
