@@ -102,14 +102,23 @@ def _check_devices(devices: list, where: str) -> None:
                          f"{counts} (process: devices)")
 
 
+def _check_mesh(mesh: Any, where: str) -> None:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"{where}: mesh must be a jax.sharding.Mesh (parallel.data_mesh(...) "
+                        f"makes one from devices or 'all'), got {type(mesh).__name__} "
+                        f"{mesh!r:.60}")
+
+
 def data_axis(mesh: Mesh) -> str:
     """The name of ``mesh``'s data axis: ``"data"``, or its only axis."""
+    _check_mesh(mesh, "parallel")
     return DATA_AXIS if DATA_AXIS in mesh.axis_names else mesh.axis_names[0]
 
 
 def num_shards(mesh: Mesh) -> int:
     """How many parts a batch is split into: the size of the data axis."""
-    return int(mesh.shape[data_axis(mesh)])
+    axis = data_axis(mesh)
+    return int(mesh.shape[axis])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -119,6 +128,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     """A full copy on every device of ``mesh``."""
+    _check_mesh(mesh, "parallel.replicate")
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -137,6 +147,7 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
     ``predict`` (cut them off) but would count as examples in training data. ``None``
     leaves stay ``None``.
     """
+    _check_mesh(mesh, "shard_batch")
     d = num_shards(mesh)
     for leaf in jax.tree_util.tree_leaves(tree):
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] % d:
@@ -152,6 +163,11 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 def pad_rows(a: Any, multiple: int) -> Any:
     """``a`` with zero rows appended up to a multiple of ``multiple`` rows (numpy stays
     numpy, a jax array stays on its devices)."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int | np.integer) or multiple < 1:
+        raise ValueError(f"pad_rows: multiple must be a positive int, got {multiple!r}")
+    if not isinstance(a, np.ndarray | jax.Array) or jnp.ndim(a) < 1:
+        raise TypeError(f"pad_rows: a must be a numpy or jax array with a first (row) "
+                        f"dimension, got {type(a).__name__} of shape {np.shape(a)}")
     pad = -jnp.shape(a)[0] % multiple
     if not pad:
         return a

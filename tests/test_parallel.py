@@ -272,3 +272,16 @@ def test_shard_batch_and_pad_rows():
     if jax.local_device_count() > 1:  # pragma: no cover (the session has one device)
         with pytest.raises(ValueError, match="shard_batch: every array needs"):
             parallel.shard_batch(x, parallel.data_mesh("all"))
+
+
+def test_parallel_helpers_name_a_bad_argument():
+    """Were ZeroDivisionError, IndexError, numpy's TypeError, AttributeError."""
+    with pytest.raises(ValueError, match=r"pad_rows: multiple must be a positive int, got 0"):
+        parallel.pad_rows(np.ones(3), 0)
+    for a in (np.float32(1), [1, 2, 3]):
+        with pytest.raises(TypeError, match=r"pad_rows: a must be a numpy or jax array"):
+            parallel.pad_rows(a, 4)
+    for call in (parallel.replicate, parallel.shard_batch):
+        with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh .* got str "
+                                            r"'all'"):
+            call({"a": jnp.ones(2)}, "all")
