@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from funcnet import _checks
 from funcnet import layers as L
 from funcnet.nets import Serial
 from funcnet.zoo_cnn import alexnet, googlenet, resnet, vgg
@@ -21,6 +22,11 @@ def mlp(hidden: Sequence[int], num_classes: int, activation: L.Layer | None = No
 
     ``activation`` defaults to :class:`~funcnet.layers.ReLU`.
     """
+    if isinstance(hidden, int) or not isinstance(hidden, Sequence) or isinstance(hidden, str):
+        raise TypeError(f"mlp: hidden must be a sequence of layer widths (e.g. [256, 256], "
+                        f"or [] for none), got {hidden!r}")
+    hidden = [_checks.positive_int(h, "hidden width", "mlp") for h in hidden]
+    num_classes = _checks.positive_int(num_classes, "num_classes", "mlp")
     act = L.ReLU() if activation is None else activation
     body: list[L.Layer] = [L.Flatten()]
     for h in hidden:
@@ -34,6 +40,7 @@ def lenet5(num_classes: int = 10, pool: L.Layer | None = None) -> Serial:
     ``Conv(6, 5x5, SAME) -> pool -> Conv(16, 5x5) -> pool -> 120 -> 84 -> classes``;
     ``pool`` defaults to ``MaxPool(2)`` and may be any 2x2 pooling layer.
     """
+    num_classes = _checks.positive_int(num_classes, "num_classes", "lenet5")
     pool = L.MaxPool(2) if pool is None else pool
     return Serial([
         L.Conv(6, (5, 5), padding="SAME"), L.ReLU(), pool,
@@ -50,6 +57,7 @@ def digits_cnn(num_classes: int = 10, pool: L.Layer | None = None) -> Serial:
 
     ``Conv(16, 3x3, SAME) -> pool -> Conv(32, 3x3, SAME) -> pool -> 128 -> classes``.
     """
+    num_classes = _checks.positive_int(num_classes, "num_classes", "digits_cnn")
     pool = L.MaxPool(2) if pool is None else pool
     return Serial([
         L.Conv(16, (3, 3), padding="SAME"), L.ReLU(), pool,

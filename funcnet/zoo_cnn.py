@@ -7,6 +7,7 @@ counts include BatchNorm's ``scale`` and ``bias`` (its running statistics are st
 
 from __future__ import annotations
 
+from funcnet import _checks
 from funcnet import layers as L
 from funcnet.nets import Parallel, Residual, Serial
 
@@ -74,6 +75,7 @@ def resnet(
     ``stem="small"`` (28x28 / 32x32 inputs, CIFAR-style): ``Conv 3x3/1 -> BN -> ReLU``, no
     max pool. ``input_shape`` is checked (the network is shape-agnostic otherwise).
     """
+    num_classes = _checks.positive_int(num_classes, "num_classes", "resnet")
     if depth not in _RESNET_STAGES:
         raise ValueError(f"resnet: depth must be one of {sorted(_RESNET_STAGES)}, got {depth!r}")
     if stem not in ("imagenet", "small"):
@@ -139,6 +141,7 @@ def vgg(
     VGG-16 138,357,544; VGG-19 143,667,240 (``batch_norm=True`` adds ``2 *`` the conv
     channels: 5,504 / 5,888 / 8,448 / 11,008).
     """
+    num_classes = _checks.positive_int(num_classes, "num_classes", "vgg")
     if depth not in _VGG_CFG:
         raise ValueError(f"vgg: depth must be one of {sorted(_VGG_CFG)}, got {depth!r}")
     layers: list[L.Layer] = []
@@ -183,6 +186,7 @@ def alexnet(num_classes: int = 1000, variant: str = "torchvision", dropout: floa
     out; at another size the first Dense sees the flattened maps as they are). The
     smallest input is 63x63 (1x1x256 after the last pool).
     """
+    num_classes = _checks.positive_int(num_classes, "num_classes", "alexnet")
     if variant == "torchvision":
         return Serial([
             L.Conv(64, (11, 11), stride=4, padding=2), L.ReLU(), L.MaxPool(3, stride=2),
@@ -281,6 +285,7 @@ def googlenet(
     call. The ``transform_input`` re-normalisation of torchvision's ImageNet weights is
     not part of the network.
     """
+    num_classes = _checks.positive_int(num_classes, "num_classes", "googlenet")
     layers: list[L.Layer] = []
 
     def prefix_hw() -> tuple[int, int]:

@@ -302,3 +302,28 @@ def test_googlenet_other_input_size():
 def test_googlenet_small_forward():
     net = zoo_cnn.googlenet(num_classes=6, input_shape=(32, 32, 3))
     _forward(net, (32, 32, 3), 6)
+
+
+@pytest.mark.parametrize("build, where", [
+    (lambda: fn.models.resnet(18, num_classes=0), "resnet"),
+    (lambda: fn.models.vgg(11, num_classes=0), "vgg"),
+    (lambda: fn.models.alexnet(num_classes=0), "alexnet"),
+    (lambda: fn.models.googlenet(num_classes=0), "googlenet"),
+    (lambda: fn.models.lenet5(num_classes=0), "lenet5"),
+    (lambda: fn.models.digits_cnn(num_classes=0), "digits_cnn"),
+    (lambda: fn.models.mlp([8], 0), "mlp"),
+], ids=["resnet", "vgg", "alexnet", "googlenet", "lenet5", "digits_cnn", "mlp"])
+def test_builders_name_num_classes(build, where):
+    """Was the head's 'Dense: features must be a positive int'."""
+    with pytest.raises(ValueError, match=rf"^{where}: num_classes must be a positive int"):
+        build()
+
+
+def test_mlp_names_hidden():
+    """mlp(16, 10) was "'int' object is not iterable"."""
+    with pytest.raises(TypeError, match=r"mlp: hidden must be a sequence of layer widths .* "
+                                        r"got 16"):
+        fn.models.mlp(16, 10)
+    with pytest.raises(ValueError, match=r"mlp: hidden width must be a positive int, got 0"):
+        fn.models.mlp([8, 0], 10)
+    assert len(fn.models.mlp([], 3).layers) == 2  # Flatten, Dense: no hidden layer
