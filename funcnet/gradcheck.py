@@ -440,6 +440,9 @@ def compare(
                 row_tol = t + floor / scale if scale > 0 else math.inf
                 if not math.isfinite(scale):
                     row_tol = t
+            if np.shape(la) != np.shape(lb):
+                raise ValueError(f"compare: leaf {name}: {a!r} has shape {np.shape(la)}, "
+                                 f"{b!r} has {np.shape(lb)}")
             rows.append(Row(name, a, b, relative_error(la, lb), row_tol))
     report = Report(tuple(rows))
     if raise_on_failure and not report.ok:

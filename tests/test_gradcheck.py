@@ -114,3 +114,11 @@ def test_the_default_step_refuses_half_precision_and_float32_uses_the_step_taken
     np.testing.assert_allclose(gradcheck.numerical_grad(lambda q: jnp.sum(q) - 2000.0, far),
                                [1.0, 1.0], rtol=1e-6)
     assert gradcheck.check(lambda q: jnp.sum(q) - 2000.0, far).ok
+
+
+def test_a_gradient_of_the_wrong_shape_is_named_with_its_leaf():
+    """Was relative_error's 'shapes differ, (2,) vs (3,)', naming neither leaf nor source."""
+    with pytest.raises(ValueError, match=r"compare: leaf \['w'\]: 'autodiff' has shape \(2,\), "
+                                         r"'manual' has \(3,\)"):
+        gradcheck.check(lambda q: jnp.sum(q["w"] ** 2), {"w": jnp.array([1.0, 2.0])},
+                        manual={"w": jnp.ones(3)})
