@@ -180,4 +180,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                            epilog="It takes no options.").parse_args()
     sys.exit(main())

@@ -56,4 +56,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                            epilog="It takes no options.").parse_args()
     main()
