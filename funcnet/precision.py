@@ -234,8 +234,9 @@ def check_params(policy: Policy, params: Any, where: str) -> None:
 
 
 def keep_dtypes(new: Any, old: Any) -> Any:
-    """``new`` (a network's updated state) in the dtypes of ``old``: BatchNorm's running
-    statistics stay float32 whatever the compute dtype."""
+    """``new`` in the dtypes of ``old``: a network's updated state (BatchNorm's running
+    statistics stay float32 whatever the compute dtype), or the hand rules' gradients in
+    their parameters' dtypes (a rule computes in the promoted dtype of mixed inputs)."""
     if jax.tree_util.tree_structure(new) != jax.tree_util.tree_structure(old):
         return new
     return jax.tree_util.tree_map(

@@ -14,6 +14,7 @@ import pytest
 import funcnet as fn
 from funcnet import layers, vjp
 from funcnet.nn.base import Layer, rule_forward
+from funcnet.zoo_vit import VisionTransformer
 
 TOL = 1e-9
 
@@ -52,6 +53,9 @@ EXAMPLES = {
                                                          fn.Tanh()])]), (4, 4, 2)),
     fn.Residual: (fn.Residual(fn.Serial([fn.Conv(2, 3, padding="SAME"), fn.ReLU()])),
                   (4, 4, 2)),
+    # public outside fn.layers: the Serial that fn.models.vit builds (checks its image)
+    VisionTransformer: (fn.models.vit(3, image_size=4, patch=2, width=4, depth=1, heads=2,
+                                      channels=2), (4, 4, 2)),
 }
 
 

@@ -811,6 +811,17 @@ def param_count(layer: Layer, input_shape: Shape) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def cast_cotangent(ct: Any, dtype: Any) -> Any:
+    """A floating cotangent in its floating primal's ``dtype``, as autodiff gives it (a
+    rule computes in the promoted dtype where, say, a bfloat16 input meets float32
+    weights); ``None``, non-floating values and matching dtypes unchanged."""
+    if (ct is None or dtype is None or not hasattr(ct, "dtype") or ct.dtype == dtype
+            or not jnp.issubdtype(ct.dtype, jnp.floating)
+            or not jnp.issubdtype(dtype, jnp.floating)):
+        return ct
+    return ct.astype(dtype)
+
+
 def upcast(a: jax.Array | None) -> jax.Array | None:
     """``a`` in float32 if it is a narrower float (bfloat16, float16), else ``a`` itself.
 

@@ -30,6 +30,7 @@ from funcnet.nn.base import (
     Layer,
     Shape,
     _default_state,
+    cast_cotangent,
     prefixed,
     rule_forward,
     split_key,
@@ -171,28 +172,22 @@ class _Combinator(Layer):
             raise self._where(i, e) from e
 
     def _run_fwd(self, i, params, state, x, key, train):
-        """Part ``i``'s ``fwd``; its residuals keep the dtypes of its input, output and
-        parameters for :meth:`_run_bwd`."""
+        """Part ``i``'s ``fwd``; its residuals keep the dtypes of its input and output for
+        :meth:`_run_bwd`."""
         try:
             y, s, res = rule_forward(self.parts()[i], params, state, x, key=key, train=train)
         except (ValueError, TypeError) as e:
             raise self._where(i, e) from e
-        leaves, tree = jax.tree_util.tree_flatten(params)
-        dtypes = _Dtypes(_dtype(x), _dtype(y), tree, tuple(_dtype(p) for p in leaves))
-        return y, s, PartResiduals(res, dtypes)
+        return y, s, PartResiduals(res, _Dtypes(_dtype(x), _dtype(y)))
 
     def _run_bwd(self, i, res, g, need_dx):
-        """Part ``i``'s ``bwd``, each cotangent in its primal's dtype, as autodiff gives
-        them: ``g`` in the part's output dtype, ``dL/dx`` in its input's, the parameter
-        gradients in the parameters' (a part's rule computes in the promoted dtype where
-        a bfloat16 layer meets a float32 one, which the next rule would not accept)."""
-        dtypes = res.dtypes
-        dx, dparams = self.parts()[i].bwd(res.res, _cast(g, dtypes.y), need_dx)
-        leaves, tree = jax.tree_util.tree_flatten(dparams)
-        if tree == dtypes.params and len(leaves) == len(dtypes.param_dtypes):
-            dparams = tree.unflatten([_cast(d, t) for d, t in
-                                      zip(leaves, dtypes.param_dtypes, strict=True)])
-        return _cast(dx, dtypes.x), dparams
+        """Part ``i``'s ``bwd`` with ``g`` in the part's output dtype and ``dL/dx`` in its
+        input's, as autodiff gives them: a part's rule computes in the promoted dtype where
+        a bfloat16 layer meets a float32 one, which the next rule would not accept. (The
+        parameter gradients are cast once, for the whole network, by
+        :func:`funcnet.vjp.value_and_grad_with_state`.)"""
+        dx, dparams = self.parts()[i].bwd(res.res, cast_cotangent(g, res.dtypes.y), need_dx)
+        return cast_cotangent(dx, res.dtypes.x), dparams
 
     def label(self) -> str:
         return type(self).__name__
@@ -202,8 +197,6 @@ class _Combinator(Layer):
 class _Dtypes:
     x: Any
     y: Any
-    params: Any  # the parameters' treedef
-    param_dtypes: tuple
 
 
 class PartResiduals(NamedTuple):
@@ -216,15 +209,6 @@ class PartResiduals(NamedTuple):
 def _dtype(a: Any) -> Any:
     dtype = getattr(a, "dtype", None)
     return jnp.dtype(dtype) if dtype is not None else None
-
-
-def _cast(ct: Any, dtype: Any) -> Any:
-    """A floating cotangent in ``dtype`` (if that is a floating dtype it differs from)."""
-    if ct is None or dtype is None or not hasattr(ct, "dtype") or ct.dtype == dtype:
-        return ct
-    if jnp.issubdtype(ct.dtype, jnp.floating) and jnp.issubdtype(dtype, jnp.floating):
-        return ct.astype(dtype)
-    return ct
 
 
 def _short_repr(layer: Layer) -> str:

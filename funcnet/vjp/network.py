@@ -90,18 +90,6 @@ def _loss_value_and_delta(loss_fn: Callable, out: jax.Array, y: Any):
     return loss, vjp_fn(jnp.ones_like(loss))[0]
 
 
-def _in_param_dtypes(grads: Any, params: Any) -> Any:
-    """Each gradient in its parameter's dtype, as autodiff gives it (a leaf layer's rule
-    computes in the promoted dtype of a float32 input and bfloat16 parameters)."""
-    def cast(d, p):
-        if (d is None or not hasattr(p, "dtype") or d.dtype == p.dtype
-                or not jnp.issubdtype(p.dtype, jnp.floating)):
-            return d
-        return d.astype(p.dtype)
-
-    return jax.tree_util.tree_map(cast, grads, params)
-
-
 def _as_network(net: Any, where: str) -> Layer:
     if not isinstance(net, Layer):
         raise TypeError(f"{where}: expected a funcnet layer or network, got {net!r}")
@@ -154,7 +142,7 @@ def value_and_grad_with_state(
         out, new_state, res = rule_forward(net, params, state, x, key=key, train=train)  # 1.
         loss, delta = _loss_value_and_delta(loss_fn, out, y)  # 2. output layer
         _, grads = net.bwd(res, delta, False)  # 3. hidden layers, last to first
-        grads = _in_param_dtypes(grads, params)
+        grads = _precision.keep_dtypes(grads, params)  # as autodiff: the params' dtypes
         if regularizer is not None:  # lambda * grad Omega; 4. (update) is the optimizer's
             loss = loss + lam * regularizer(params)
             reg = vreg.GRADS[regularizer](params)

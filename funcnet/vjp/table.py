@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from funcnet.nn import (
     activation,
@@ -25,7 +24,7 @@ from funcnet.nn import (
     regularizers,
     reshape,
 )
-from funcnet.nn.base import Rule
+from funcnet.nn.base import Rule, cast_cotangent
 from funcnet.vjp import gates
 
 #: The families whose ``RULES`` make up the table (a new family adds itself here).
@@ -60,15 +59,6 @@ def rule_for(op: Callable) -> Rule:
         raise ValueError(
             f"vjp: no hand-written rule for {full!r}; rules exist for: {_known_ops()}"
         ) from None
-
-
-def _cast(ct: Any, dtype: Any) -> Any:
-    """A floating cotangent in its floating argument's ``dtype`` (a rule computes in the
-    promoted dtype of, say, a bfloat16 input and float32 weights)."""
-    if (ct is None or dtype is None or ct.dtype == dtype
-            or not jnp.issubdtype(dtype, jnp.floating)):
-        return ct
-    return ct.astype(dtype)
 
 
 def manual(op: Callable) -> Callable:
@@ -106,7 +96,7 @@ def manual(op: Callable) -> Callable:
         dtypes = tuple(getattr(a, "dtype", None) for a in arrays)
 
         def f_bwd(res, g):  # each cotangent in its argument's dtype, as autodiff's
-            return tuple(_cast(ct, dtype) for ct, dtype in
+            return tuple(cast_cotangent(ct, dtype) for ct, dtype in
                          zip(rule.bwd(res, g), dtypes, strict=True))
 
         f.defvjp(call, f_bwd)
