@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from funcnet import _checks
+
 # IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
 IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
@@ -67,13 +69,6 @@ def _as_array(v: Any, name: str, where: str) -> np.ndarray:
         return _native(np.asarray(v))
     except (TypeError, ValueError) as e:  # ragged nested lists and the like
         raise ValueError(f"{where}: {name} is not a rectangular array ({e})") from e
-
-
-def _describe_value(v: Any) -> str:
-    if isinstance(v, np.ndarray):
-        return f"an array of shape {v.shape}"
-    text = repr(v)
-    return f"{type(v).__name__} {text[:57] + '...' if len(text) > 60 else text}"
 
 
 def _native(a: Any) -> Any:
@@ -645,7 +640,8 @@ class ArrayBatches:
             raise
         if not isinstance(out, tuple | list) or len(out) != 2:
             got = (f"a {type(out).__name__} of {len(out)} items"
-                   if isinstance(out, tuple | list) else _describe_value(out))
+                   if isinstance(out, tuple | list) else f"an array of shape {out.shape}"
+                   if isinstance(out, np.ndarray) else _checks.describe(out))
             raise TypeError(f"{where}: transform must return the pair (x, y), got {got}")
         rows, (x, y) = xb.shape[0], out
         if np.ndim(x) < 1 or np.ndim(y) < 1 or np.shape(x)[0] != np.shape(y)[0]:

@@ -361,21 +361,20 @@ def check_onnx(
         raise AssertionError(
             f"{where}: {path}: onnxruntime's output has shape {got.shape}, funcnet's {want.shape}"
         )
-    same = got == want  # also the same infinities, whose difference would be NaN
-    if np.issubdtype(got.dtype, np.inexact) or np.issubdtype(want.dtype, np.inexact):
-        nan_got, nan_want = np.isnan(got), np.isnan(want)
-        apart = nan_got != nan_want
-        if apart.any():
-            first = tuple(int(i) for i in np.argwhere(apart)[0])
-            raise AssertionError(
-                f"{where}: {path}: onnxruntime's output has NaN at {int(nan_got.sum())} "
-                f"places, funcnet's at {int(nan_want.sum())}; they differ at "
-                f"{int(apart.sum())} places (first at index {first}: onnxruntime "
-                f"{got[first]}, funcnet {want[first]})"
-            )
-        same |= nan_got & nan_want
-    gap = np.where(same, 0.0, np.abs(got.astype(np.float64) - want.astype(np.float64)))
-    diff = float(np.max(gap, initial=0.0))
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    nan_got, nan_want = np.isnan(got), np.isnan(want)
+    apart = nan_got != nan_want
+    if apart.any():
+        first = tuple(int(i) for i in np.argwhere(apart)[0])
+        raise AssertionError(
+            f"{where}: {path}: onnxruntime's output has NaN at {int(nan_got.sum())} "
+            f"places, funcnet's at {int(nan_want.sum())}; they differ at "
+            f"{int(apart.sum())} places (first at index {first}: onnxruntime "
+            f"{got[first]}, funcnet {want[first]})"
+        )
+    with np.errstate(invalid="ignore"):  # NaN - NaN and inf - inf: NaN, left out below
+        gap = np.abs(got - want)
+    diff = float(np.nanmax(gap, initial=0.0))
     if not np.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True):
         raise AssertionError(
             f"{where}: {path}: onnxruntime's output differs from funcnet's by up to "

@@ -1079,11 +1079,11 @@ def _takes_integers(net: Any) -> bool:
 def _check_last_batch(net: Any, params: Any, model_state: Any, x: np.ndarray, bs: int,
                       where: str) -> None:
     """A network that mixes the batch (BatchNorm) runs an epoch's last partial batch at
-    its true size: trace (no computation) its training forward pass on that many rows
-    before the first step, so a size it refuses (BatchNorm over features needs more than
-    one row) is an error naming ``batch_size`` now, not after an epoch of steps."""
+    its true size: when that is one row, trace (no computation) its training forward pass
+    on it before the first step, so a batch it refuses (BatchNorm over features needs more
+    than one row) is an error naming ``batch_size`` now, not after an epoch of steps."""
     last = x.shape[0] % bs
-    if not last or not mixes_batch(net):
+    if last != 1 or not mixes_batch(net):
         return
     rows = jax.ShapeDtypeStruct((last, *x.shape[1:]), x.dtype)
     try:
